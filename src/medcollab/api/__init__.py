@@ -1,0 +1,1 @@
+"""HTTP front door: dependencies, error mapping and middleware shared by every router."""

@@ -1,0 +1,29 @@
+"""``create_app``: wires routers and middleware, nothing else."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from medcollab import __version__
+from medcollab.api import errors, middleware
+from medcollab.api.health import router as health_router
+from medcollab.identity.api import admin_router, auth_router
+from medcollab.runtime import Runtime
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    settings = runtime.settings
+    app = FastAPI(
+        title="medcollab",
+        version=__version__,
+        debug=settings.debug,
+        docs_url="/docs" if settings.relaxed else None,
+        redoc_url=None,
+    )
+    app.state.runtime = runtime
+    errors.install(app)
+    middleware.install(app, settings)
+    app.include_router(health_router)
+    app.include_router(auth_router)
+    app.include_router(admin_router)
+    return app

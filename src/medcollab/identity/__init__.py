@@ -1,0 +1,1 @@
+"""Identity: organisations, users, memberships, authentication, MFA and sessions."""

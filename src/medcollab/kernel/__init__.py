@@ -1,0 +1,1 @@
+"""Shared vocabulary with no dependencies on the rest of medcollab."""
