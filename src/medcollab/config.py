@@ -93,6 +93,21 @@ class Settings(BaseSettings):
     mfa_challenge_seconds: PositiveSeconds = 5 * 60
     totp_issuer: str = "medcollab"
 
+    # Keys (DESIGN.md section 4). The file provider keeps key-encryption keys in ``key_dir``; the
+    # PKCS#11 provider keeps them in an HSM token and they never leave it.
+    key_provider: Literal["file", "pkcs11"] = "file"
+    pkcs11_module: Path | None = None
+    pkcs11_token_label: str = "medcollab"
+    pkcs11_pin: SecretStr = SecretStr("")
+
+    # Records and access (the records chokepoint).
+    #: How long registering a patient at an organisation counts as a care relationship.
+    registration_relationship_days: Annotated[int, Field(ge=1, le=3650)] = 30
+    break_glass_minutes: Annotated[int, Field(ge=1, le=24 * 60)] = 60
+    fhir_max_page_size: Annotated[int, Field(ge=1, le=1000)] = 100
+    fhir_default_page_size: Annotated[int, Field(ge=1, le=1000)] = 20
+    fhir_max_bundle_bytes: Annotated[int, Field(ge=1024)] = 16 * 1_048_576
+
     #: The deployment's jurisdiction profile; organisations may override it.
     jurisdiction: Literal["PIPL", "GDPR", "HIPAA"] = "PIPL"
 
@@ -182,6 +197,14 @@ class Settings(BaseSettings):
             )
         if self.debug:
             problems.append("debug is on: set MEDCOLLAB_DEBUG=false")
+        if self.key_provider == "pkcs11":
+            pin = self.pkcs11_pin.get_secret_value()
+            if not self.pkcs11_module:
+                problems.append("MEDCOLLAB_PKCS11_MODULE must name the HSM's PKCS#11 library")
+            if pin.strip().lower() in PLACEHOLDER_SECRETS or pin in ("1234", "0000", "123456"):
+                problems.append(
+                    "MEDCOLLAB_PKCS11_PIN is empty or a placeholder: set the token's user PIN"
+                )
         if problems:
             raise ConfigurationError(
                 "refusing to start in production mode: " + "; ".join(problems),

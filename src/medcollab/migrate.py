@@ -26,7 +26,7 @@ def alembic_config(url: str | None = None, connection: Connection | None = None)
 
 
 def upgrade(url: str | None = None, *, connection: Connection | None = None) -> None:
-    command.upgrade(alembic_config(url, connection), "head")
+    command.upgrade(alembic_config(url, connection), "heads")
 
 
 def check(url: str | None = None, *, connection: Connection | None = None) -> None:
