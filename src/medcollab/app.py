@@ -5,9 +5,12 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from medcollab import __version__
+from medcollab.access.api import router as access_router
 from medcollab.api import errors, middleware
 from medcollab.api.health import router as health_router
 from medcollab.identity.api import admin_router, auth_router
+from medcollab.records.api import public_router as fhir_public_router
+from medcollab.records.api import router as fhir_router
 from medcollab.runtime import Runtime
 
 
@@ -26,4 +29,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(health_router)
     app.include_router(auth_router)
     app.include_router(admin_router)
+    app.include_router(access_router)
+    app.include_router(fhir_public_router)
+    app.include_router(fhir_router)
     return app

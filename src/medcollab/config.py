@@ -31,6 +31,8 @@ PLACEHOLDER_SECRETS = frozenset(
     {"", "change-me", "changeme", "change_me", "secret", "password", "placeholder", "todo", "xxx"}
 )
 MIN_SECRET_LENGTH = 32
+#: The shortest secret :class:`medcollab.crypto.keys.KeyRing` derives keys from, in any mode.
+KEYRING_MIN_SECRET_BYTES = 16
 
 
 class Mode(StrEnum):
@@ -97,7 +99,7 @@ class Settings(BaseSettings):
     # PKCS#11 provider keeps them in an HSM token and they never leave it.
     key_provider: Literal["file", "pkcs11"] = "file"
     pkcs11_module: Path | None = None
-    pkcs11_token_label: str = "medcollab"
+    pkcs11_token_label: str = "medcollab"  # noqa: S105 - names the HSM token; not a secret.
     pkcs11_pin: SecretStr = SecretStr("")
 
     # Records and access (the records chokepoint).
@@ -162,6 +164,20 @@ class Settings(BaseSettings):
 
     def app_secret(self) -> bytes:
         """The application secret, from the setting or its file; raises if neither is usable."""
+        secret = self._secret_text().encode("utf-8")
+        if len(secret) < KEYRING_MIN_SECRET_BYTES:
+            # Said here, as a configuration error, rather than by the key ring as a ValueError
+            # that every command would report as an unexpected failure.
+            raise ConfigurationError(
+                f"the application secret is shorter than {KEYRING_MIN_SECRET_BYTES} bytes, "
+                "too short to derive keys from",
+                hint=f"set MEDCOLLAB_SECRET_KEY, or the contents of "
+                f"{self.resolved_secret_key_file}, to a random value of at least "
+                f"{MIN_SECRET_LENGTH} characters",
+            )
+        return secret
+
+    def _secret_text(self) -> str:
         value = self.secret_key.get_secret_value()
         if not value:
             path = self.resolved_secret_key_file
@@ -172,7 +188,7 @@ class Settings(BaseSettings):
                     f"no application secret: {path} does not exist",
                     hint="run `medcollab init` or set MEDCOLLAB_SECRET_KEY",
                 ) from None
-        return value.encode("utf-8")
+        return value
 
     def check_safe_to_serve(self) -> None:
         """Refuse an unsafe production deployment, naming every problem and its fix."""
@@ -180,7 +196,7 @@ class Settings(BaseSettings):
             return
         problems: list[str] = []
         try:
-            secret = self.app_secret().decode("utf-8")
+            secret = self._secret_text()
         except ConfigurationError as exc:
             problems.append(exc.diagnostics())
         else:

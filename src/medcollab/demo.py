@@ -150,7 +150,9 @@ def load_demo_data(runtime: Runtime) -> list[DemoAccount]:
                 agent=agent,
             )
             accounts.append(DemoAccount(**{**asdict(account), "otpauth_uri": created.otpauth_uri}))
-    _save(path, accounts)
+        # Saved before the commit: if the commit fails, the next run starts afresh and overwrites
+        # the file; saved after it, a crash in between would leave accounts nobody can sign in to.
+        _save(path, accounts)
     return accounts
 
 

@@ -11,7 +11,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import inspect
+from sqlalchemy import Connection, inspect, make_url
 
 from medcollab import migrate
 from medcollab.config import Settings
@@ -66,12 +66,36 @@ def initialise(settings: Settings) -> InitReport:
         certificate_created = ensure_certificate(cert, key)
     engine = make_engine(settings.sqlalchemy_url)
     try:
-        with engine.begin() as connection:
-            migrate.upgrade(connection=connection)
+        with engine.connect() as connection:
+            sqlite = connection.dialect.name == "sqlite"
+            if sqlite:
+                # Batch migrations on SQLite rebuild a table by copying it, dropping the original
+                # and renaming the copy; with foreign keys enforced, the drop cascades and deletes
+                # every row that references it (memberships, sessions, ...). The pragma only
+                # takes effect outside a transaction, hence the driver's own cursor.
+                _sqlite_pragma(connection, "PRAGMA foreign_keys=OFF")
+            with connection.begin():
+                migrate.upgrade(connection=connection)
+                if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first():
+                    raise ConfigurationError(
+                        "the schema upgrade would leave rows whose foreign keys point nowhere, "
+                        "so it was rolled back and the database is unchanged",
+                        hint="report the failing migration; keep running the previous version",
+                    )
+            if sqlite:
+                _sqlite_pragma(connection, "PRAGMA foreign_keys=ON")
         dialect = engine.dialect.name
     finally:
         engine.dispose()
     return InitReport(settings.data_dir, secret_created, certificate_created, dialect)
+
+
+def _sqlite_pragma(connection: Connection, pragma: str) -> None:
+    cursor = connection.connection.cursor()
+    try:
+        cursor.execute(pragma)
+    finally:
+        cursor.close()
 
 
 def schema_is_current(settings: Settings) -> bool:
@@ -79,6 +103,15 @@ def schema_is_current(settings: Settings) -> bool:
     from alembic.runtime.migration import MigrationContext  # noqa: PLC0415
     from alembic.script import ScriptDirectory  # noqa: PLC0415
 
+    url = make_url(settings.sqlalchemy_url)
+    if (
+        url.get_backend_name() == "sqlite"
+        and url.database not in (None, "", ":memory:")
+        and not Path(url.database).is_file()
+    ):
+        # Opening a missing SQLite file would create it (or fail if its directory is missing too):
+        # a command run before `medcollab init` must change nothing and say what to do.
+        return False
     engine = make_engine(settings.sqlalchemy_url)
     try:
         with engine.connect() as connection:

@@ -40,12 +40,12 @@ def main(argv: list[str]) -> int:
         print(usage, file=sys.stderr)  # noqa: T201 - a command-line entry point.
         return 2
     action, url = argv[0], argv[1]
+    upgrade(url)
     if action == "revision":
         command.revision(
             alembic_config(url), message=" ".join(argv[2:]) or "change", autogenerate=True
         )
         return 0
-    upgrade(url)
     if action == "check":
         check(url)
         print("alembic check: models and migrations agree")  # noqa: T201

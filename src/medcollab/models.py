@@ -6,10 +6,20 @@ that adds a ``models.py`` adds one line below.
 
 from __future__ import annotations
 
+from medcollab.access import models as access_models
 from medcollab.audit import models as audit_models
 from medcollab.db.base import Base
 from medcollab.identity import models as identity_models
+from medcollab.keys import models as keys_models
+from medcollab.records import models as records_models
 
 metadata = Base.metadata
 
-__all__ = ["audit_models", "identity_models", "metadata"]
+__all__ = [
+    "access_models",
+    "audit_models",
+    "identity_models",
+    "keys_models",
+    "metadata",
+    "records_models",
+]

@@ -91,3 +91,71 @@ def sign_in(client: TestClient, account: Account, clock: FrozenClock) -> str:
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def fhir_headers(
+    token: str, purpose: str | None = None, reason: str | None = None, org: str | None = None
+) -> dict[str, str]:
+    headers = {**bearer(token), "Content-Type": "application/fhir+json"}
+    if purpose:
+        headers["X-Purpose-Of-Use"] = purpose
+    if reason:
+        headers["X-Break-Glass-Reason"] = reason
+    if org:
+        headers["X-Organization"] = org
+    return headers
+
+
+def link(runtime: Runtime, user_id: str, kind: str, resource_id: str) -> None:
+    """Link an account to a FHIR Patient/Practitioner through the real service."""
+    import uuid  # noqa: PLC0415
+
+    from medcollab.identity.models import FhirLinkKind  # noqa: PLC0415
+
+    with runtime.database.unit_of_work() as session:
+        UserService(session=session, runtime=runtime).link(
+            uuid.UUID(user_id), FhirLinkKind(kind), resource_id, agent=operator_agent("test")
+        )
+
+
+def patient_resource(
+    family: str = "Zhang",
+    given: str = "Wei",
+    phone: str = "+86 138 0013 8000",
+    identifier: str = "110101199003074514",
+) -> dict[str, object]:
+    return {
+        "resourceType": "Patient",
+        "identifier": [{"system": "urn:oid:2.16.156.10011.1.1", "value": identifier}],
+        "name": [{"family": family, "given": [given]}],
+        "telecom": [{"system": "phone", "value": phone}],
+        "gender": "male",
+        "birthDate": "1990-03-07",
+        "address": [{"text": "上海市浦东新区世纪大道100号", "city": "上海"}],
+    }
+
+
+def observation(
+    patient_id: str, value: float = 72.0, code: str = "8867-4", labels: list[str] | None = None
+) -> dict[str, object]:
+    body: dict[str, object] = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "effectiveDateTime": "2026-01-01T08:00:00Z",
+        "valueQuantity": {
+            "value": value,
+            "unit": "beats/minute",
+            "system": "http://unitsofmeasure.org",
+            "code": "/min",
+        },
+    }
+    if labels:
+        body["meta"] = {
+            "security": [
+                {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": c}
+                for c in labels
+            ]
+        }
+    return body

@@ -215,14 +215,31 @@ class BodyLimitMiddleware:
     uploads (imaging, later) need their own streaming limit and a larger ``max_body_bytes``.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, fhir_max_body_bytes: int = 0) -> None:
         self.app = app
+        self.default_max_body_bytes = max_body_bytes
+        # FHIR Bundles (a Synthea patient is about a mebibyte) get their own, larger limit.
+        self.fhir_max_body_bytes = max(fhir_max_body_bytes, max_body_bytes)
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = str(scope.get("path", ""))
+        fhir = path == "/fhir/R4" or path.startswith("/fhir/R4/")
+        limit = self.fhir_max_body_bytes if fhir else self.default_max_body_bytes
+        # Per request, without mutating shared state: the limit travels in a local copy.
+        await _Limited(self.app, limit, fhir)(scope, receive, send)
+
+
+class _Limited(BodyLimitMiddleware):
+    def __init__(self, app: ASGIApp, limit: int, fhir: bool) -> None:
+        self.app = app
+        self.max_body_bytes = limit
+        self.fhir = fhir
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             declared = _declared_length(scope)
         except ValueError:
@@ -265,13 +282,17 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _too_large(self, send: Send) -> None:
+        message = f"request body exceeds {self.max_body_bytes} bytes"
+        body: dict[str, object] = {"error": "payload_too_large", "message": message}
+        if getattr(self, "fhir", False):
+            body = {
+                "resourceType": "OperationOutcome",
+                "issue": [{"severity": "error", "code": "too-costly", "diagnostics": message}],
+            }
         await send_json(
             send,
             413,
-            {
-                "error": "payload_too_large",
-                "message": f"request body exceeds {self.max_body_bytes} bytes",
-            },
+            body,
             # The rest of the body is never read, so the connection cannot carry another request.
             [(b"connection", b"close")],
         )
@@ -295,7 +316,11 @@ def secure_transport(app: ASGIApp, settings: Settings) -> ASGIApp:
     """``app`` wrapped in the access log, the security headers and the body limit."""
     return AccessLogMiddleware(
         SecurityHeadersMiddleware(
-            BodyLimitMiddleware(app, max_body_bytes=settings.max_body_bytes),
+            BodyLimitMiddleware(
+                app,
+                max_body_bytes=settings.max_body_bytes,
+                fhir_max_body_bytes=settings.fhir_max_bundle_bytes,
+            ),
             hsts_max_age=settings.hsts_max_age,
         )
     )

@@ -36,6 +36,24 @@ class EventType(StrEnum):
     ROLE_GRANTED = "admin:role:granted"
     ORG_CREATED = "admin:org:created"
     ACCESS_DENIED = "access:request:denied"
+    ACCESS_EXPLAINED = "access:decision:explained"
+    # Clinical record access (FHIR interactions), one event per decision, permit or deny.
+    FHIR_READ = "fhir:resource:read"
+    FHIR_VREAD = "fhir:resource:vread"
+    FHIR_HISTORY = "fhir:resource:history"
+    FHIR_SEARCH = "fhir:resource:search"
+    FHIR_CREATE = "fhir:resource:create"
+    FHIR_UPDATE = "fhir:resource:update"
+    FHIR_DELETE = "fhir:resource:delete"
+    FHIR_TRANSACTION = "fhir:bundle:transaction"
+    FHIR_EVERYTHING = "fhir:patient:everything"
+    FHIR_EXPORT = "fhir:patient:export"
+    RECORD_INTEGRITY_FAILURE = "fhir:resource:integrity-failure"
+    BREAK_GLASS_GRANTED = "access:break-glass:granted"
+    BREAK_GLASS_REVIEWED = "access:break-glass:reviewed"
+    CONSENT_CHANGED = "consent:patient:changed"
+    KEYS_ROTATED = "security:keys:rotated"
+    KEYS_SHREDDED = "security:keys:shredded"
 
 
 class Outcome(StrEnum):
@@ -57,6 +75,16 @@ EVENT_ACTIONS: Final[MappingProxyType[EventType, str]] = MappingProxyType(
         EventType.ROLE_GRANTED: "U",
         EventType.MFA_RESET: "U",
         EventType.PASSWORD_CHANGED: "U",
+        EventType.FHIR_READ: "R",
+        EventType.FHIR_VREAD: "R",
+        EventType.FHIR_HISTORY: "R",
+        EventType.FHIR_SEARCH: "E",
+        EventType.FHIR_CREATE: "C",
+        EventType.FHIR_UPDATE: "U",
+        EventType.FHIR_DELETE: "D",
+        EventType.FHIR_EVERYTHING: "R",
+        EventType.FHIR_EXPORT: "R",
+        EventType.CONSENT_CHANGED: "U",
     }
 )
 
@@ -74,6 +102,22 @@ class Agent:
 
 
 @dataclass(frozen=True, slots=True)
+class Entity:
+    """What was accessed: ids and codes only, never content.
+
+    For searches, ``query`` holds the parameters with identifying values already replaced by their
+    blind index, and ``patients`` the patients whose data the answer contained.
+    """
+
+    patient_id: str | None = None
+    resource_type: str | None = None
+    resource_id: str | None = None
+    version: int | None = None
+    query: tuple[tuple[str, str], ...] = ()
+    patients: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class AuditEvent:
     type: EventType
     outcome: Outcome
@@ -83,6 +127,10 @@ class AuditEvent:
     subject_user_id: uuid.UUID | None = None
     subject_org_id: uuid.UUID | None = None
     reasons: tuple[str, ...] = ()
+    entity: Entity | None = None
+    #: HL7 v3 PurposeOfUse code under which the access happened.
+    purpose: str | None = None
+    break_glass: bool = False
 
     def __post_init__(self) -> None:
         # Refuse look-alike strings: only members of the enums are events.

@@ -12,16 +12,18 @@ import traceback
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from medcollab.config import Mode, Settings
 from medcollab.errors import ConfigurationError, InvalidInput, MedcollabError
-from medcollab.identity.models import OrgKind
+from medcollab.identity.models import FhirLinkKind, OrgKind
 from medcollab.identity.services import UserService, operator_agent
 from medcollab.kernel.permissions import Role
 from medcollab.runtime import Runtime
@@ -39,7 +41,9 @@ app.add_typer(org_app, name="org")
 app.add_typer(user_app, name="user")
 
 out = Console()
-err = Console(stderr=True)
+# A diagnosis stays on one line whatever the terminal's width (Rich wraps at 80 columns when it
+# writes to a pipe or a log) and is printed as it is, without :emoji: codes.
+err = Console(stderr=True, soft_wrap=True, emoji=False)
 
 EXIT_ERROR = 2
 EXIT_UNEXPECTED = 1
@@ -49,11 +53,34 @@ def load_settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        problems = "; ".join(
-            f"MEDCOLLAB_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
-            for e in exc.errors()
-        )
+        problems = "; ".join(_setting_problem(e["loc"], e["type"], e["msg"]) for e in exc.errors())
         raise ConfigurationError(f"invalid configuration: {problems}") from None
+
+
+def _setting_problem(loc: tuple[int | str, ...], kind: str, message: str) -> str:
+    name = "_".join(str(p) for p in loc)
+    if kind == "extra_forbidden":
+        # Unknown MEDCOLLAB_* variables are ignored, so an unknown key comes from the TOML file.
+        return (
+            f"{name}: unknown setting in the configuration file "
+            "(MEDCOLLAB_CONFIG, default ./medcollab.toml)"
+        )
+    return f"MEDCOLLAB_{name.upper()}: {message}"
+
+
+def _print_table(table: Table) -> None:
+    """Print ``table`` with its cells as plain text and, when stdout is not a terminal, whole.
+
+    Cells hold names that people typed, so they are never read as Rich markup (``[/x]`` in an
+    organisation's name would crash the listing) or ``:emoji:`` codes. Without a terminal to ask,
+    Rich fits a table to 80 columns and cuts ids, usernames and roles with "…"; a script or a log
+    that reads ``medcollab user list`` needs them whole.
+    """
+    plain = Console(file=out.file, markup=False, emoji=False)
+    if not plain.is_terminal:
+        needed = Measurement.get(plain, plain.options.update_width(10_000), table).maximum
+        plain.width = max(plain.width, needed)
+    plain.print(table)
 
 
 @contextmanager
@@ -70,7 +97,7 @@ def _runtime() -> Iterator[Runtime]:
     try:
         yield runtime
     finally:
-        runtime.database.engine.dispose()
+        runtime.close()
 
 
 @app.command()
@@ -79,7 +106,8 @@ def init() -> None:
     from medcollab.deployment import initialise  # noqa: PLC0415
 
     report = initialise(load_settings())
-    out.print(f"data directory   {report.data_dir.resolve()}")
+    # soft_wrap: a long path stays on its line, whole, for whoever copies it or reads it in a log.
+    out.print(f"data directory   {report.data_dir.resolve()}", soft_wrap=True)
     out.print(f"secret           {'created' if report.secret_created else 'kept'}")
     out.print(f"TLS certificate  {'created' if report.certificate_created else 'kept'}")
     out.print(f"database         {report.database}, schema at the newest migration")
@@ -90,6 +118,8 @@ def serve() -> None:
     """Serve the platform over HTTPS."""
     from medcollab.server import serve as run_server  # noqa: PLC0415
 
+    # Refused before anything uses the secret, so that every problem is named at once.
+    load_settings().check_safe_to_serve()
     with _runtime() as runtime:
         run_server(runtime)
 
@@ -137,7 +167,7 @@ def org_list() -> None:
             table.add_row(
                 org.code, org.name, org.kind.value, org.region, org.jurisdiction or "-", str(org.id)
             )
-        out.print(table)
+        _print_table(table)
 
 
 # Users --------------------------------------------------------------------------------------------
@@ -152,6 +182,17 @@ def _parse_grant(text: str) -> tuple[str, Role]:
     except ValueError:
         valid = ", ".join(r.value for r in Role)
         raise InvalidInput(f"--grant {text!r}: unknown role {role!r}; roles are {valid}") from None
+
+
+def _cli_links(
+    patient: str | None, practitioner: str | None, guardian_of: list[str] | None
+) -> list[tuple[FhirLinkKind, str]]:
+    links = [(FhirLinkKind.GUARDIAN, ward) for ward in guardian_of or []]
+    if patient:
+        links.append((FhirLinkKind.PATIENT, patient))
+    if practitioner:
+        links.append((FhirLinkKind.PRACTITIONER, practitioner))
+    return links
 
 
 def _read_password_stdin() -> str:
@@ -178,6 +219,15 @@ def user_create(
     password_stdin: Annotated[
         bool, typer.Option("--password-stdin", help="Read the password from standard input.")
     ] = False,
+    patient: Annotated[
+        str | None, typer.Option(help="Link a patient account to its FHIR Patient id.")
+    ] = None,
+    practitioner: Annotated[
+        str | None, typer.Option(help="Link a clinician to its FHIR Practitioner id.")
+    ] = None,
+    guardian_of: Annotated[
+        list[str] | None, typer.Option(help="FHIR Patient id of a ward (repeatable).")
+    ] = None,
 ) -> None:
     """Create a user; prints the user id and, for staff, the otpauth:// URI to enrol MFA."""
     if not password_stdin:
@@ -194,6 +244,7 @@ def user_create(
             password=password,
             grants=grants,
             agent=operator_agent(),
+            links=_cli_links(patient, practitioner, guardian_of),
         )
         out.print(str(created.user.id))
         if created.otpauth_uri:
@@ -220,7 +271,7 @@ def user_list(
                 status,
                 str(view.id),
             )
-        out.print(table)
+        _print_table(table)
 
 
 def _user_id(service: UserService, user: str) -> uuid.UUID:
@@ -248,6 +299,99 @@ def user_reset_mfa(user: Annotated[str, typer.Argument(help="Username or id.")])
         out.print(reset.otpauth_uri or "", soft_wrap=True)
 
 
+# Records -------------------------------------------------------------------------------------------
+
+
+@app.command("import")
+def import_fhir(
+    paths: Annotated[list[Path], typer.Argument(help="FHIR JSON files or folders of them.")],
+    org: Annotated[str, typer.Option(help="Code of the organisation that holds the data.")],
+) -> None:
+    """Import FHIR R4 resources and Bundles; idempotent; failing files are reported and skipped.
+
+    Exits 3 when some files failed (the others were imported)."""
+    from medcollab.records.cli import import_command  # noqa: PLC0415
+
+    with _runtime() as runtime:
+        code = import_command(runtime, paths, org, out)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command("export")
+def export_fhir(
+    patient: Annotated[str, typer.Option(help="FHIR Patient id.")],
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Write the Bundle here (mode 0600).")
+    ] = None,
+) -> None:
+    """Write a patient's $everything Bundle (audited as an export)."""
+    from medcollab.records.cli import export_command  # noqa: PLC0415
+
+    with _runtime() as runtime:
+        export_command(runtime, patient, out_file, out)
+
+
+access_app = typer.Typer(help="Access decisions.", no_args_is_help=True)
+app.add_typer(access_app, name="access")
+
+
+@access_app.command("explain")
+def access_explain(
+    user: Annotated[str, typer.Option(help="Username or user id.")],
+    action: Annotated[str, typer.Option(help="read, search, create, update, delete, ...")],
+    resource_type: Annotated[str, typer.Option("--type", help="FHIR resource type.")],
+    patient: Annotated[str | None, typer.Option(help="FHIR Patient id.")] = None,
+    org: Annotated[str | None, typer.Option(help="Organisation the user acts for.")] = None,
+    purpose: Annotated[str | None, typer.Option(help="PurposeOfUse code, e.g. TREAT.")] = None,
+) -> None:
+    """Print the access decision for a user, patient, action and type, and why."""
+    from medcollab.access.explain import explain  # noqa: PLC0415
+    from medcollab.access.policy import Action, Purpose  # noqa: PLC0415
+
+    try:
+        chosen_action = Action(action.strip().lower())
+    except ValueError:
+        valid = ", ".join(a.value for a in Action)
+        raise InvalidInput(f"unknown action {action!r}; actions are {valid}") from None
+    try:
+        chosen_purpose = Purpose(purpose.strip().upper()) if purpose else None
+    except ValueError:
+        valid = ", ".join(p.value for p in Purpose)
+        raise InvalidInput(f"unknown purpose {purpose!r}; purposes are {valid}") from None
+    with _runtime() as runtime, runtime.database.unit_of_work() as session:
+        service = UserService(session=session, runtime=runtime)
+        result = explain(
+            session,
+            runtime,
+            user_id=_user_id(service, user),
+            patient_id=patient,
+            action=chosen_action,
+            resource_type=resource_type,
+            org_code=org,
+            purpose=chosen_purpose,
+            agent=operator_agent(),
+        )
+        verdict = "PERMIT" if result.decision.permitted else "DENY"
+        out.print(
+            f"{verdict}  {chosen_action.value} {resource_type}"
+            f"{' of Patient/' + patient if patient else ''} as {result.org_code} "
+            f"for {result.purpose.value}",
+            markup=False,
+        )
+        for reason in result.decision.reasons:
+            out.print(f"  - {reason}", markup=False)
+
+
+def _register_subcommands() -> None:
+    from medcollab.keys.cli import keys_app  # noqa: PLC0415
+
+    app.add_typer(keys_app, name="keys")
+
+
+_register_subcommands()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the Typer app and turns every failure into a one-line diagnosis."""
     # Everything this process creates (database, keys, certificates, exports) is private to the
@@ -266,8 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks.
         import click  # noqa: PLC0415
 
-        if isinstance(exc, click.ClickException):
-            err.print(f"error: {exc.format_message()}", markup=False, highlight=False)
+        # Typer vendors its own copy of click: its usage errors derive from TyperException, not
+        # from click.ClickException.
+        if isinstance(exc, click.ClickException | typer.TyperException):
+            message = exc.format_message()
+            if message:  # Empty when no command was given: the help has been printed instead.
+                err.print(f"error: {message}", markup=False, highlight=False)
             return EXIT_ERROR
         err.print(
             f"error: unexpected {type(exc).__name__}; the failed step was rolled back "

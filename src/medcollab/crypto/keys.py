@@ -32,6 +32,8 @@ class Purpose(StrEnum):
     AUDIT_PSEUDONYM = "medcollab/v1/audit-pseudonym"
     TOTP_SEED = "medcollab/v1/totp-seed"
     PROFILE_FIELD = "medcollab/v1/profile-field"
+    BREAK_GLASS_REASON = "medcollab/v1/break-glass-reason"
+    SOURCE_REFERENCE = "medcollab/v1/source-reference"
 
 
 class SealedDataError(MedcollabError):

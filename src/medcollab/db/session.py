@@ -53,6 +53,9 @@ def _configure_sqlite(engine: Engine) -> None:
             if engine.url.database not in (None, "", ":memory:"):
                 cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=FULL")
+            # Deleted content is overwritten, not left in free pages: crypto-shredding removes
+            # wrapped keys, and their bytes must not linger in the file.
+            cursor.execute("PRAGMA secure_delete=ON")
         finally:
             cursor.close()
 

@@ -27,7 +27,7 @@ from medcollab.api.deps import (
     require_json,
 )
 from medcollab.identity import schemas as s
-from medcollab.identity.models import SessionKind
+from medcollab.identity.models import FhirLinkKind, SessionKind
 from medcollab.identity.services import (
     IssuedSession,
     MfaRequired,
@@ -47,7 +47,9 @@ def _token_response(issued: IssuedSession, response: Response) -> s.TokenRespons
         response.set_cookie(
             SESSION_COOKIE,
             issued.access_token,
-            max_age=issued.expires_in,
+            # The browser keeps the cookie for the absolute lifetime; the server enforces the
+            # idle timeout (a cookie expiring at the idle timeout would end active sessions).
+            max_age=issued.max_age,
             path="/",
             secure=True,
             httponly=True,
@@ -131,9 +133,16 @@ def enroll(actor: CurrentActor, auth: Auth) -> s.EnrollResponse:
     )
 
 
-@auth_router.post("/mfa/confirm", response_model=s.RecoveryCodesResponse)
-def confirm(body: s.ConfirmRequest, actor: CurrentActor, auth: Auth) -> s.RecoveryCodesResponse:
-    return s.RecoveryCodesResponse(recovery_codes=list(auth.confirm_enrollment(actor, body.code)))
+@auth_router.post("/mfa/confirm", response_model=s.TokenResponse, response_model_exclude_none=True)
+def confirm(
+    body: s.ConfirmRequest, actor: CurrentActor, auth: Auth, client: Client, response: Response
+) -> s.TokenResponse:
+    """Confirm the pending authenticator: recovery codes (shown once) and a new session token;
+    the enrolment session ends."""
+    codes, issued = auth.confirm_enrollment(actor, body.code, client)
+    token = _token_response(issued, response)
+    token.recovery_codes = list(codes)
+    return token
 
 
 @auth_router.post("/mfa/recovery-codes", response_model=s.RecoveryCodesResponse)
@@ -146,7 +155,9 @@ def revoke_my_sessions(actor: CurrentActor, users: Users) -> s.RevokedResponse:
     """Sign out everywhere, this session included."""
     require(actor, Permission.SELF_SESSIONS_MANAGE)
     return s.RevokedResponse(
-        revoked_sessions=users.revoke_sessions(actor.user_id, agent=agent_for(actor))
+        revoked_sessions=users.revoke_sessions(
+            actor.user_id, agent=agent_for(actor), reason="revoked-by-user"
+        )
     )
 
 
@@ -184,10 +195,33 @@ def create_user(
         agent=agent_for(actor),
         allowed_orgs=_scope(actor, Permission.ORG_USER_MANAGE),
         provision_mfa=body.provision_mfa,
+        links=_links(body),
     )
     return s.CreatedUserResponse(
         user=_user_out(users.view(created.user)), otpauth_uri=created.otpauth_uri
     )
+
+
+def _links(body: s.CreateUserRequest) -> list[tuple[FhirLinkKind, str]]:
+    links = [(FhirLinkKind.GUARDIAN, ward) for ward in body.guardian_of]
+    if body.patient:
+        links.append((FhirLinkKind.PATIENT, body.patient))
+    if body.practitioner:
+        links.append((FhirLinkKind.PRACTITIONER, body.practitioner))
+    return links
+
+
+@admin_router.post("/users/{user_id}/links", status_code=204)
+def link_user(user_id: uuid.UUID, body: s.LinkIn, actor: UserManager, users: Users) -> Response:
+    """Link an account to a FHIR Patient (own or ward) or Practitioner."""
+    users.link(
+        user_id,
+        FhirLinkKind(body.kind),
+        body.resource_id,
+        agent=agent_for(actor),
+        allowed_orgs=_scope(actor, Permission.ORG_USER_MANAGE),
+    )
+    return Response(status_code=204)
 
 
 @admin_router.post("/users/{user_id}/disable", response_model=s.UserOut)

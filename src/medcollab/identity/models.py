@@ -83,11 +83,19 @@ class User(Base):
     password_changed_at: Mapped[datetime] = mapped_column(UTCDateTime())
     #: AES-GCM ciphertext of the TOTP secret, bound to this user id. None: no authenticator.
     totp_secret_enc: Mapped[bytes | None] = mapped_column(LargeBinary())
+    #: A self-service enrolment in progress: sealed like ``totp_secret_enc``, it becomes the
+    #: authenticator only when a code from it is confirmed, so an abandoned enrolment never
+    #: locks its owner out.
+    totp_pending_enc: Mapped[bytes | None] = mapped_column(LargeBinary())
     #: When the authenticator was proven with a first valid code. None: provisioned, not confirmed.
     mfa_confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: The last accepted TOTP time step; a code for this step or an earlier one is a replay.
     totp_last_step: Mapped[int] = mapped_column(Integer(), default=0)
     disabled: Mapped[bool] = mapped_column(Boolean(), default=False)
+    #: Privacy training is current; lapsed training denies PHI (filled by the compliance work).
+    training_current: Mapped[bool] = mapped_column(Boolean(), default=True)
+    #: A "freeze" sanction denies PHI until lifted.
+    sanction_frozen: Mapped[bool] = mapped_column(Boolean(), default=False)
     #: Account lockout after repeated failures; also kept in the throttle table by username.
     locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -116,6 +124,29 @@ class Membership(Base):
 
     user: Mapped[User] = relationship(back_populates="memberships")
     organization: Mapped[Organization] = relationship(lazy="joined")
+
+
+class FhirLinkKind(StrEnum):
+    PATIENT = "patient"
+    GUARDIAN = "guardian"
+    PRACTITIONER = "practitioner"
+
+
+class UserFhirLink(Base):
+    """Links an account to FHIR resources: a patient to its Patient, a guardian to each ward's
+    Patient, a clinician to its Practitioner."""
+
+    __tablename__ = "user_fhir_link"
+    __table_args__ = (UniqueConstraint("user_id", "kind", "resource_id"),)
+    __repr_fields__ = ("user_id", "kind", "resource_id")
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid(), primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("user_account.id", ondelete="CASCADE"), index=True
+    )
+    kind: Mapped[FhirLinkKind] = mapped_column(_enum(FhirLinkKind, "fhir_link_kind"))
+    resource_id: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class RecoveryCode(Base):

@@ -17,6 +17,7 @@ Username = Annotated[str, StringConstraints(min_length=1, max_length=USERNAME_MA
 Password = Annotated[str, StringConstraints(min_length=1, max_length=PASSWORD_MAX)]
 Token = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 Code = Annotated[str, StringConstraints(min_length=1, max_length=32)]
+FhirId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9\-.]{1,64}$")]
 
 
 class Strict(BaseModel):
@@ -107,6 +108,15 @@ class CreateUserRequest(Strict):
     password: Password
     memberships: Annotated[list[GrantIn], Field(min_length=1, max_length=20)]
     provision_mfa: bool = True
+    #: FHIR links: the account's own Patient, its wards' Patients, its Practitioner.
+    patient: FhirId | None = None
+    guardian_of: Annotated[list[FhirId], Field(max_length=20)] = []
+    practitioner: FhirId | None = None
+
+
+class LinkIn(Strict):
+    kind: Literal["patient", "guardian", "practitioner"]
+    resource_id: FhirId
 
 
 class CreatedUserResponse(BaseModel):

@@ -40,6 +40,7 @@ from medcollab.errors import (
 )
 from medcollab.identity.models import (
     AuthSession,
+    FhirLinkKind,
     Membership,
     MfaChallenge,
     Organization,
@@ -48,11 +49,12 @@ from medcollab.identity.models import (
     SessionKind,
     Throttle,
     User,
+    UserFhirLink,
 )
 from medcollab.identity.passwords import check_password
 from medcollab.identity.totp import Authenticator, qr_svg
 from medcollab.kernel.context import Actor, RoleGrant
-from medcollab.kernel.permissions import Permission, Role, requires_mfa
+from medcollab.kernel.permissions import CLINICAL_ROLES, Permission, Role, requires_mfa
 from medcollab.runtime import Runtime
 
 RECOVERY_CODE_COUNT = 10
@@ -97,6 +99,8 @@ class IssuedSession:
     csrf_token: str | None = None
     #: Shown once, on the first confirmation of an authenticator provisioned by an administrator.
     recovery_codes: tuple[str, ...] = ()
+    #: Seconds until the absolute end of the session (the cookie's lifetime).
+    max_age: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,10 +318,15 @@ class AuthService(_Base):
     def complete_mfa(self, mfa_token: str, code: str, client: ClientInfo) -> IssuedSession:
         """Second step: a TOTP code or a recovery code for a pending challenge."""
         now = self._now()
+        # Lock the challenge and the user (PostgreSQL): two concurrent submissions of one code
+        # must not both pass the "unused challenge" and "newer time step" checks. SQLite's
+        # BEGIN IMMEDIATE already serialises them.
         challenge = self._db.scalar(
-            select(MfaChallenge).where(
+            select(MfaChallenge)
+            .where(
                 MfaChallenge.token_hash == self._keys.keyed_hash(Purpose.MFA_CHALLENGE, mfa_token)
             )
+            .with_for_update()
         )
         if challenge is None or challenge.used_at is not None or challenge.expires_at <= now:
             address_only = _Throttle(self, None, client)
@@ -331,7 +340,7 @@ class AuthService(_Base):
             address_only.fail(None)
             raise AuthenticationFailed(GENERIC_MFA_FAILURE)
 
-        user = self._db.get(User, challenge.user_id)
+        user = self._db.get(User, challenge.user_id, with_for_update=True, populate_existing=True)
         assert user is not None  # noqa: S101 - foreign key.
         throttle = _Throttle(self, user.username, client)
         try:
@@ -388,6 +397,7 @@ class AuthService(_Base):
             kind=issued.kind,
             csrf_token=issued.csrf_token,
             recovery_codes=recovery_codes,
+            max_age=issued.max_age,
         )
 
     def _use_recovery_code(
@@ -396,11 +406,13 @@ class AuthService(_Base):
         if user.mfa_confirmed_at is None:
             self._fail_mfa(throttle, client, user, "no-recovery-codes")
         record = self._db.scalar(
-            select(RecoveryCode).where(
+            select(RecoveryCode)
+            .where(
                 RecoveryCode.user_id == user.id,
                 RecoveryCode.code_hash == self._recovery_hash(user.id, code),
                 RecoveryCode.used_at.is_(None),
             )
+            .with_for_update()
         )
         if record is None:
             self._fail_mfa(throttle, client, user, "wrong-recovery-code")
@@ -469,6 +481,7 @@ class AuthService(_Base):
             kind=kind,
             enrollment_only=enrollment_only,
             csrf_token=csrf,
+            max_age=self._settings.session_absolute_seconds,
         )
 
     def authenticate(
@@ -542,32 +555,44 @@ class AuthService(_Base):
     # Enrolment ----------------------------------------------------------------------------------
 
     def start_enrollment(self, actor: Actor) -> Enrollment:
+        """Begin self-service enrolment: a pending authenticator that becomes the account's only
+        when confirmed with a code (an abandoned enrolment changes nothing)."""
         user = self._user(actor)
         if user.mfa_confirmed_at is not None:
             raise Conflict(
                 "an authenticator is already enrolled",
                 hint="ask an administrator to reset MFA before enrolling a new device",
             )
-        authenticator = self._provision_authenticator(user)
+        authenticator = Authenticator(new_totp_seed())
+        user.totp_pending_enc = self._keys.box(Purpose.TOTP_SEED).seal(
+            authenticator.seed, associated_data=b"totp-pending:" + user.id.bytes
+        )
         uri = authenticator.provisioning_uri(user.username, self._settings.totp_issuer)
         self._event(
             EventType.MFA_ENROLL_STARTED, Outcome.SUCCESS, _agent(actor), subject_user_id=user.id
         )
         return Enrollment(otpauth_uri=uri, qr_svg=qr_svg(uri), secret=authenticator.secret_base32)
 
-    def confirm_enrollment(self, actor: Actor, code: str) -> tuple[str, ...]:
-        """Prove the new authenticator with one code; returns the recovery codes (shown once)."""
+    def confirm_enrollment(
+        self, actor: Actor, code: str, client: ClientInfo
+    ) -> tuple[tuple[str, ...], IssuedSession]:
+        """Prove the pending authenticator with one code.
+
+        Returns the recovery codes (shown once) and a *new* session: the privilege change from
+        enrolment-only to full access gets a fresh token (ASVS 5.0 V7.2.4), and the old one ends.
+        """
         user = self._user(actor)
-        authenticator = self._authenticator(user)
-        if authenticator is None or user.mfa_confirmed_at is not None:
+        if user.totp_pending_enc is None or user.mfa_confirmed_at is not None:
             raise Conflict("no enrolment in progress", hint="start with POST /auth/mfa/enroll")
-        now = self._now()
-        throttle = _Throttle(
-            self, user.username, ClientInfo(actor.client_address, actor.user_agent)
+        seed = self._keys.box(Purpose.TOTP_SEED).open(
+            user.totp_pending_enc, associated_data=b"totp-pending:" + user.id.bytes
         )
+        authenticator = Authenticator(seed)
+        now = self._now()
+        throttle = _Throttle(self, user.username, client)
         throttle.check()
         step = authenticator.matching_step(code, now)
-        if step is None or step <= user.totp_last_step:
+        if step is None:
             self._event(
                 EventType.MFA_FAILURE,
                 Outcome.MINOR_FAILURE,
@@ -578,14 +603,21 @@ class AuthService(_Base):
             throttle.fail(user.id)
             raise AuthenticationFailed(GENERIC_MFA_FAILURE)
         throttle.succeed()
+        user.totp_secret_enc = self._keys.box(Purpose.TOTP_SEED).seal(
+            seed, associated_data=b"totp:" + user.id.bytes
+        )
+        user.totp_pending_enc = None
         user.totp_last_step = step
         user.mfa_confirmed_at = now
         codes = self._new_recovery_codes(user)
         record = self.session_info(actor)
-        record.enrollment_only = False
-        record.mfa_verified = True
+        record.revoked_at = now
+        record.revoked_reason = "mfa-enrolled"
+        issued = self._issue_session(
+            user, client, record.kind, mfa_verified=True, enrollment_only=False
+        )
         self._event(EventType.MFA_ENROLLED, Outcome.SUCCESS, _agent(actor), subject_user_id=user.id)
-        return codes
+        return codes, issued
 
     def regenerate_recovery_codes(self, actor: Actor) -> tuple[str, ...]:
         user = self._user(actor)
@@ -775,6 +807,7 @@ class UserService(_Base):
         agent: Agent,
         allowed_orgs: frozenset[uuid.UUID] | None = None,
         provision_mfa: bool = True,
+        links: list[tuple[FhirLinkKind, str]] | None = None,
     ) -> NewUser:
         """Create a user with roles.
 
@@ -818,6 +851,12 @@ class UserService(_Base):
         for org, role in {(o.id, r): (o, r) for o, r in orgs}.values():
             user.memberships.append(Membership(org_id=org.id, role=role, created_at=now))
         self._db.add(user)
+        for kind, resource_id in links or []:
+            self._check_link(kind, roles, resource_id)
+            user_links = UserFhirLink(
+                user_id=user.id, kind=kind, resource_id=resource_id, created_at=now
+            )
+            self._db.add(user_links)
         uri = None
         if staff and provision_mfa:
             uri = self._provision_authenticator(user).provisioning_uri(
@@ -832,6 +871,63 @@ class UserService(_Base):
             reasons=tuple(sorted(f"role={r.value}" for r in roles)),
         )
         return NewUser(user=user, otpauth_uri=uri)
+
+    @staticmethod
+    def _check_link(
+        kind: FhirLinkKind, roles: set[Role] | frozenset[Role], resource_id: str
+    ) -> None:
+        """A link must match a role: a patient account to its Patient, a guardian to a ward, a
+        clinician to its Practitioner."""
+        needed = {
+            FhirLinkKind.PATIENT: {Role.PATIENT},
+            FhirLinkKind.GUARDIAN: {Role.GUARDIAN},
+            FhirLinkKind.PRACTITIONER: set(CLINICAL_ROLES),
+        }[kind]
+        if not roles & needed:
+            raise InvalidInput(f"a {kind.value} link needs one of the roles {sorted(needed)}")
+        if (
+            not resource_id
+            or len(resource_id) > 64
+            or not all(ch.isalnum() or ch in "-." for ch in resource_id)
+        ):
+            raise InvalidInput("a linked FHIR id is 1-64 letters, digits, '-' or '.'")
+
+    def link(
+        self,
+        user_id: uuid.UUID,
+        kind: FhirLinkKind,
+        resource_id: str,
+        *,
+        agent: Agent,
+        allowed_orgs: frozenset[uuid.UUID] | None = None,
+    ) -> None:
+        """Link an existing account to a FHIR Patient (own or ward) or Practitioner."""
+        user = self._visible_user(user_id, allowed_orgs)
+        self._check_link(kind, user.roles, resource_id)
+        exists = self._db.scalar(
+            select(UserFhirLink.id).where(
+                UserFhirLink.user_id == user.id,
+                UserFhirLink.kind == kind,
+                UserFhirLink.resource_id == resource_id,
+            )
+        )
+        if exists is None:
+            self._db.add(
+                UserFhirLink(
+                    user_id=user.id, kind=kind, resource_id=resource_id, created_at=self._now()
+                )
+            )
+            self._event(
+                EventType.ROLE_GRANTED,
+                Outcome.SUCCESS,
+                agent,
+                subject_user_id=user.id,
+                reasons=(f"fhir-link={kind.value}",),
+            )
+
+    def links_of(self, user_id: uuid.UUID) -> list[tuple[FhirLinkKind, str]]:
+        rows = self._db.scalars(select(UserFhirLink).where(UserFhirLink.user_id == user_id))
+        return sorted((row.kind, row.resource_id) for row in rows)
 
     def _visible_user(self, user_id: uuid.UUID, allowed_orgs: frozenset[uuid.UUID] | None) -> User:
         user = self._db.get(User, user_id)
@@ -903,10 +999,15 @@ class UserService(_Base):
         return NewUser(user=user, otpauth_uri=uri)
 
     def revoke_sessions(
-        self, user_id: uuid.UUID, *, agent: Agent, allowed_orgs: frozenset[uuid.UUID] | None = None
+        self,
+        user_id: uuid.UUID,
+        *,
+        agent: Agent,
+        allowed_orgs: frozenset[uuid.UUID] | None = None,
+        reason: str = "revoked-by-admin",
     ) -> int:
         user = self._visible_user(user_id, allowed_orgs)
-        revoked = self._revoke_sessions(user.id, "revoked-by-admin")
+        revoked = self._revoke_sessions(user.id, reason)
         self._event(
             EventType.SESSIONS_REVOKED,
             Outcome.SUCCESS,

@@ -92,12 +92,31 @@ def test_staff_without_authenticator_gets_enrolment_only_session(
     codes = confirm.json()["recovery_codes"]
     assert len(codes) == 10
     assert len(set(codes)) == 10
-    assert client.get("/admin/users", headers=bearer(token)).status_code == 200
+    # A new token for the upgraded session; the enrolment-only token is finished.
+    new_token = confirm.json()["access_token"]
+    assert new_token != token
+    assert client.get("/auth/me", headers=bearer(token)).status_code == 401
+    assert client.get("/admin/users", headers=bearer(new_token)).status_code == 200
     # Recovery codes are stored only as keyed hashes.
     with runtime.database.unit_of_work() as session:
         hashes = session.scalars(select(RecoveryCode.code_hash)).all()
     assert len(hashes) == 10
     assert not set(codes) & set(hashes)
+
+
+def test_abandoned_self_enrolment_does_not_lock_the_patient_out(
+    client: TestClient, runtime: Runtime, org: str
+) -> None:
+    patient = make_user(
+        runtime, "pat.enrol", [(org, Role.PATIENT)], password="a much longer patient passphrase"
+    )
+    login = client.post("/auth/login", json={"username": "pat.enrol", "password": patient.password})
+    token = login.json()["access_token"]
+    assert client.post("/auth/mfa/enroll", headers=bearer(token)).status_code == 200
+    # Never confirmed: the next sign-in still needs only the password.
+    again = client.post("/auth/login", json={"username": "pat.enrol", "password": patient.password})
+    assert again.status_code == 200
+    assert "access_token" in again.json()
 
 
 def test_recovery_code_works_once(

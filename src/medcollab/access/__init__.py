@@ -1,0 +1,1 @@
+"""Access decisions for clinical data: one policy, pure functions, reasons for every answer."""
