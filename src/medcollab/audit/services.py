@@ -62,7 +62,13 @@ from medcollab.audit.merkle import (
 )
 from medcollab.audit.models import AuditEventRecord, AuditTreeHead, AuditTreeNode
 from medcollab.crypto.signing import LogSigner
-from medcollab.errors import Conflict, MedcollabError, NotFound, ServiceUnavailable
+from medcollab.errors import (
+    ConfigurationError,
+    Conflict,
+    MedcollabError,
+    NotFound,
+    ServiceUnavailable,
+)
 from medcollab.kernel.clock import Clock, SystemClock
 
 #: The PostgreSQL advisory lock that makes one integrator at a time (any constant; this one spells
@@ -83,8 +89,8 @@ class AuditLogCorrupted(ServiceUnavailable):
         super().__init__(message, hint="run `medcollab audit verify` to locate the damage")
 
 
-class SignerRequired(MedcollabError):
-    code = "configuration_error"
+class SignerRequired(ConfigurationError):
+    """Issuing a tree head needs the log key, and none was given."""
 
 
 # Leaves -------------------------------------------------------------------------------------------

@@ -301,6 +301,10 @@ class _StoredLeaves:
         return None if found is None else int(found)
 
 
+def _after(last_seq: int | None) -> str:
+    return f" (the last remaining event is seq {last_seq})" if last_seq is not None else ""
+
+
 # Verification -------------------------------------------------------------------------------------
 
 
@@ -470,7 +474,10 @@ class _Verifier:
         size = compact.size
         self.report.integrated = size
         self.report.root_hash = compact.root()
-        self._check_beyond(size, previous_seq, stored_size=stored.size if aligned else 0)
+        if aligned:
+            # After a missing or forged event the counts differ anyway; that says nothing new.
+            self._check_truncation(size, previous_seq, stored_size=stored.size)
+        self._check_outside_sizes(size, previous_seq)
 
     def _align(  # noqa: PLR0911 - one return per kind of damage, in the order they are told apart.
         self,
@@ -598,8 +605,7 @@ class _Verifier:
                 self._nodes_damaged = True
                 return
 
-    def _check_beyond(self, size: int, last_seq: int | None, *, stored_size: int) -> None:
-        after = f" (the last remaining event is seq {last_seq})" if last_seq is not None else ""
+    def _check_truncation(self, size: int, last_seq: int | None, *, stored_size: int) -> None:
         beyond = [(s, head_id) for s, head_id in self._head_sizes if s > size]
         if beyond:
             head_size, head_id = max(beyond)
@@ -607,7 +613,7 @@ class _Verifier:
                 Damage(
                     DamageKind.TRUNCATED,
                     f"signed tree head #{head_id} covers {head_size} events but only {size} "
-                    f"remain{after}",
+                    f"remain{_after(last_seq)}",
                     leaf_index=size,
                 )
             )
@@ -616,10 +622,12 @@ class _Verifier:
                 Damage(
                     DamageKind.TRUNCATED,
                     f"the stored tree has {stored_size} leaves but only {size} events "
-                    f"remain{after}",
+                    f"remain{_after(last_seq)}",
                     leaf_index=size,
                 )
             )
+
+    def _check_outside_sizes(self, size: int, last_seq: int | None) -> None:
         for size_wanted, expectations in sorted(self._expectations.items()):
             if size_wanted <= size:
                 continue
@@ -629,7 +637,7 @@ class _Verifier:
                         Damage(
                             DamageKind.INCONSISTENT,
                             f"{expectation.source} covers {size_wanted} events but the log has "
-                            f"only {size}{after}: it was rolled back or truncated",
+                            f"only {size}{_after(last_seq)}: it was rolled back or truncated",
                             leaf_index=size,
                             range_end=size_wanted,
                         )

@@ -378,9 +378,10 @@ def access_explain(
             f"{' of Patient/' + patient if patient else ''} as {result.org_code} "
             f"for {result.purpose.value}",
             markup=False,
+            soft_wrap=True,
         )
         for reason in result.decision.reasons:
-            out.print(f"  - {reason}", markup=False)
+            out.print(f"  - {reason}", markup=False, soft_wrap=True)
 
 
 def _register_subcommands() -> None:
@@ -392,13 +393,16 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 - one exit per failure kind.
     """Entry point: runs the Typer app and turns every failure into a one-line diagnosis."""
     # Everything this process creates (database, keys, certificates, exports) is private to the
     # service account.
     os.umask(0o077)
     try:
-        app(args=argv, standalone_mode=False)
+        result = app(args=argv, standalone_mode=False)
+        if isinstance(result, int) and result:
+            # Without standalone mode, click returns the code of a typer.Exit instead of raising.
+            return result
     except MedcollabError as exc:
         err.print(f"error: {exc.diagnostics()}", markup=False, highlight=False)
         return EXIT_ERROR
