@@ -14,7 +14,6 @@ import inspect
 import json
 import os
 import platform
-import signal
 import sys
 import tempfile
 import time
@@ -22,7 +21,6 @@ import traceback
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
 
 from bench import fhir_read_bench, import_bench
@@ -93,18 +91,13 @@ def _run_external(module_name: str, quick: bool) -> tuple[dict[str, Any], str]:
     return {"seconds": time.perf_counter() - started}, "ran (see its output above)"
 
 
-def _interrupt_on_term(_signum: int, _frame: FrameType | None) -> None:
-    # SIGTERM unwinds like Ctrl-C, so every server and temporary folder is cleaned up.
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a 3 s smoke run of each benchmark")
     parser.add_argument("--only", action="append", choices=NAMES, metavar="NAME", default=None)
     args = parser.parse_args(argv)
     selected = [name for name in NAMES if args.only is None or name in args.only]
-    signal.signal(signal.SIGTERM, _interrupt_on_term)
+    fhir_read_bench.unwind_on_signals()
 
     results: dict[str, Any] = {
         "started": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -1,24 +1,29 @@
 """FHIR read throughput: medcollab's secured ``GET /fhir/R4/Observation/{id}`` against a baseline.
 
-In one run, on a two-core machine:
+In one run, on a two-core machine, with byte-identical response bodies:
 
 * **baseline**: :mod:`bench.baseline_app`, the same framework, database engine and JSON payload with
   no authentication, crypto, policy or audit;
 * **secured**: ``medcollab serve`` in dev mode, read with a valid bearer token by a physician whose
   organisation registered the patient (a care relationship), so every request authenticates the
   session, decides the access policy, decrypts the record and appends an audit event;
-* **secured+TLS** (optional third line): the same over HTTPS with the server's own TLS policy.
+* **secured+TLS**: the same over HTTPS with the server's own TLS policy (``--no-tls`` skips it);
+* **secured c=1**: the secured server with one connection, no concurrent requests (``--no-single``
+  skips it), which shows what concurrency costs it.
 
-The first two use plain HTTP on 127.0.0.1: TLS is excluded from both so that the ratio measures
-the application's security work, not the transport's. Each server is one uvicorn worker pinned to
-core 0 (``taskset -c 0``); the load generator (``wrk --latency``, else an asyncio client using
-``httpx2``) runs on core 1. Each line is a 2 s warm-up, discarded, then the measured run.
+Baseline and secured use plain HTTP on 127.0.0.1: TLS is excluded from both so that their ratio
+measures the application's security work, not the transport's. Each server is one uvicorn worker
+pinned to core 0 (``taskset -c 0``); the load generator (Debian's ``wrk --latency``, else an asyncio
+client using ``httpx2``) runs on core 1. All servers stay up, idle while another is measured; after
+a 2 s warm-up each (discarded), the measured time is split into rounds that visit every line in
+turn, alternating the order, so the shared machine's background load falls on all lines alike.
 
-After the load runs, an in-process profile drives the same ASGI applications without a socket and
-times the sections of the secured request path, to say what limits it.
+Then an in-process profile (core 0, no socket) drives three ASGI applications: the baseline,
+medcollab with its security work stubbed out, and medcollab; and breaks the secured request down
+into timed sections, to say what limits it.
 
-Run: ``python -m bench.fhir_read_bench [--seconds 20] [--connections 8] [--no-tls]``, or through
-``python -m bench``.
+Run: ``python -m bench.fhir_read_bench [--seconds 20] [--rounds 4] [--connections 8]``, or through
+``python -m bench``. Servers and temporary folders are removed on exit, Ctrl-C included.
 """
 
 from __future__ import annotations
@@ -46,13 +51,13 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Any, Final, cast
+from unittest import mock
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
-from medcollab.access.context import AccessContext
-from medcollab.api import deps
 from medcollab.app import create_app
+from medcollab.db.session import Database
 from medcollab.identity.services import AuthService, ClientInfo
 from medcollab.kernel.context import Actor
 from medcollab.records import api as records_api
@@ -116,6 +121,17 @@ def own_cpu(cpu: int) -> Iterator[None]:
         yield
     finally:
         os.sched_setaffinity(0, before)
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def unwind_on_signals() -> None:
+    """Make SIGTERM, and SIGINT even where a parent ignored it, unwind like Ctrl-C, so that every
+    server and temporary folder is cleaned up on the way out."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def free_port() -> int:
@@ -926,16 +942,6 @@ async def _thread_hop_seconds(iterations: int, budget: float) -> float:
     return (time.perf_counter() - start) / max(count, 1)
 
 
-class _StubAuth:
-    """Stands in for AuthService: the actor of a real sign-in, without the session lookup."""
-
-    def __init__(self, actor: Actor) -> None:
-        self.actor = actor
-
-    def authenticate(self, *_args: Any, **_kwargs: Any) -> Actor:
-        return self.actor
-
-
 class _StubRepository:
     """Stands in for RecordRepository: the stored resource of a real read, without the read."""
 
@@ -946,37 +952,56 @@ class _StubRepository:
         return self.stored
 
 
-def security_stubbed_app(runtime: Runtime, actor: Actor, stored: StoredResource) -> FastAPI:
-    """medcollab's app with the same routes, dependencies, thread-pool hops, middleware and access
-    log, but no database, authentication, policy, crypto or audit behind the dependencies.
+class _StubSession:
+    def get(self, *_args: Any) -> None:
+        return None
 
-    Each override takes the same parameters as the dependency it replaces, so FastAPI solves the
-    same graph; only the work inside is gone.
-    """
 
-    def stub_db(runtime: deps.RuntimeDep) -> Iterator[None]:
-        del runtime
-        yield None
+class _StubDatabase:
+    @contextlib.contextmanager
+    def unit_of_work(self) -> Iterator[_StubSession]:
+        yield _StubSession()
 
-    def stub_auth(db: deps.DbSession, runtime: deps.RuntimeDep) -> _StubAuth:
-        del db, runtime
-        return _StubAuth(actor)
 
-    def stub_repository(
-        ctx: Annotated[AccessContext, Depends(records_api.access_context)],
-        db: deps.DbSession,
-        runtime: deps.RuntimeDep,
-    ) -> _StubRepository:
-        del ctx, db, runtime
-        return _StubRepository(stored)
+@dataclass
+class StubbedApp:
+    """medcollab's app, its routes, dependencies, thread-pool hops, middleware and access log
+    unchanged, with the security work behind the dependencies stubbed out: no database, no
+    session lookup, no policy, crypto or audit. The stubs are patched in only while
+    :meth:`stubbed` is active (FastAPI's ``dependency_overrides`` would not do: it analyses an
+    override's signature again on every request, which costs more than the work it replaces)."""
 
-    app = create_app(runtime)
-    app.dependency_overrides = {
-        deps.get_db: stub_db,
-        deps.auth_service: stub_auth,
-        records_api.record_repository: stub_repository,
-    }
-    return app
+    app: FastAPI
+    actor: Actor
+    stored: StoredResource
+
+    @classmethod
+    def build(cls, runtime: Runtime, actor: Actor, stored: StoredResource) -> StubbedApp:
+        stub_runtime = Runtime(
+            settings=runtime.settings,
+            database=cast(Database, _StubDatabase()),
+            keyring=runtime.keyring,
+            clock=runtime.clock,
+            hasher=runtime.hasher,
+            provider=runtime.key_provider,
+        )
+        return cls(create_app(stub_runtime), actor, stored)
+
+    @contextlib.contextmanager
+    def stubbed(self) -> Iterator[None]:
+        actor, stored = self.actor, self.stored
+
+        def authenticate(*_args: Any, **_kwargs: Any) -> Actor:
+            return actor
+
+        def repository(**_kwargs: Any) -> _StubRepository:
+            return _StubRepository(stored)
+
+        with (
+            mock.patch.object(AuthService, "authenticate", authenticate),
+            mock.patch.object(records_api, "RecordRepository", repository),
+        ):
+            yield
 
 
 def _real_read(runtime: Runtime, deployment: Deployment) -> tuple[Actor, StoredResource]:
@@ -991,6 +1016,65 @@ def _real_read(runtime: Runtime, deployment: Deployment) -> tuple[Actor, StoredR
     return actor, stored
 
 
+class _Counters:
+    """SQL statements (and their time in the driver) and thread-pool hops, while installed."""
+
+    def __init__(self) -> None:
+        self.statements = 0
+        self.sql_seconds = 0.0
+        self.hops: Counter[str] = Counter()
+        self.app = "secured"
+        self._started: list[float] = []
+
+    def _before(self, *_args: Any) -> None:
+        self._started.append(time.perf_counter())
+
+    def _after(self, *_args: Any) -> None:
+        self.statements += 1
+        self.sql_seconds += time.perf_counter() - self._started.pop()
+
+    @contextlib.contextmanager
+    def installed(self, engine: Any) -> Iterator[None]:
+        import anyio.to_thread  # noqa: PLC0415
+        from sqlalchemy import event  # noqa: PLC0415
+
+        real_run_sync = anyio.to_thread.run_sync
+
+        async def counted_run_sync(*args: Any, **kwargs: Any) -> Any:
+            self.hops[self.app] += 1
+            return await real_run_sync(*args, **kwargs)
+
+        event.listen(engine, "before_cursor_execute", self._before)
+        event.listen(engine, "after_cursor_execute", self._after)
+        anyio.to_thread.run_sync = counted_run_sync  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            anyio.to_thread.run_sync = real_run_sync
+            event.remove(engine, "before_cursor_execute", self._before)
+            event.remove(engine, "after_cursor_execute", self._after)
+
+
+def _best_of_three(
+    drivers: dict[str, AsgiDriver], stubbed: StubbedApp, iterations: int, budget: float
+) -> dict[str, tuple[float, float]]:
+    """Per-request (wall, CPU) seconds of each app: the best of three alternating passes."""
+
+    def run_pass(name: str, requests: int, seconds: float) -> tuple[int, float, float]:
+        with stubbed.stubbed() if name == "stubbed" else contextlib.nullcontext():
+            return asyncio.run(drivers[name].timed(requests, seconds))
+
+    best = {name: (float("inf"), float("inf")) for name in drivers}
+    for name in drivers:
+        run_pass(name, min(100, iterations), budget / 10)
+    for _ in range(3):
+        for name in drivers:
+            count, wall, cpu = run_pass(name, iterations // 3 or 1, budget / 9)
+            count = max(count, 1)
+            best[name] = (min(best[name][0], wall / count), min(best[name][1], cpu / count))
+    return best
+
+
 def profile(deployment: Deployment, baseline_db: Path, iterations: int, budget: float) -> Profile:
     """Drive the applications in process on core 0 and time the secured path's sections.
 
@@ -999,68 +1083,34 @@ def profile(deployment: Deployment, baseline_db: Path, iterations: int, budget: 
     ``iterations`` requests and of ``budget`` seconds), and each keeps its best pass. Then one
     more pass of the secured app, with timers patched in, breaks its time down.
     """
-    import anyio.to_thread  # noqa: PLC0415
-    from sqlalchemy import event  # noqa: PLC0415
-
     from bench import baseline_app  # noqa: PLC0415
 
     runtime = deployment.runtime()
     sections = Sections()
-    hops: Counter[str] = Counter()
-    real_run_sync = anyio.to_thread.run_sync
-    which = ["secured"]
-
-    async def counted_run_sync(*args: Any, **kwargs: Any) -> Any:
-        hops[which[0]] += 1
-        return await real_run_sync(*args, **kwargs)
-
-    sql = {"statements": 0, "seconds": 0.0}
-    started_at: list[float] = []
-
-    def before_execute(*_args: Any) -> None:
-        started_at.append(time.perf_counter())
-
-    def after_execute(*_args: Any) -> None:
-        sql["statements"] += 1
-        sql["seconds"] += time.perf_counter() - started_at.pop()
-
-    engine = runtime.database.engine
+    counters = _Counters()
     path = deployment.read_path()
     try:
         with own_cpu(SERVER_CPU), _json_logging_to(deployment.root / "profile.log"):
             baseline_application = baseline_app.create_app(baseline_db)
             actor, stored = _real_read(runtime, deployment)
+            stubbed = StubbedApp.build(runtime, actor, stored)
             drivers = {
                 "baseline": AsgiDriver(baseline_application, path, {}),
-                "stubbed": AsgiDriver(
-                    security_stubbed_app(runtime, actor, stored), path, deployment.bearer()
-                ),
+                "stubbed": AsgiDriver(stubbed.app, path, deployment.bearer()),
                 "secured": AsgiDriver(create_app(runtime), path, deployment.bearer()),
             }
-            best = {name: (float("inf"), float("inf")) for name in drivers}
-            for driver in drivers.values():
-                asyncio.run(driver.timed(min(100, iterations), budget / 10))
-            for _ in range(3):
-                for name, driver in drivers.items():
-                    count, wall, cpu = asyncio.run(driver.timed(iterations // 3 or 1, budget / 9))
-                    count = max(count, 1)
-                    best[name] = (min(best[name][0], wall / count), min(best[name][1], cpu / count))
+            best = _best_of_three(drivers, stubbed, iterations, budget)
             hop_seconds = asyncio.run(_thread_hop_seconds(iterations, budget / 6))
 
             # The breakdown, in a further pass so that the patches do not tax the totals above.
-            event.listen(engine, "before_cursor_execute", before_execute)
-            event.listen(engine, "after_cursor_execute", after_execute)
-            anyio.to_thread.run_sync = counted_run_sync  # type: ignore[assignment]
             _patch_sections(sections)
             try:
-                secured_count, _, _ = asyncio.run(drivers["secured"].timed(iterations, budget))
-                which[0] = "baseline"
-                baseline_count, _, _ = asyncio.run(drivers["baseline"].timed(100, budget / 10))
+                with counters.installed(runtime.database.engine):
+                    secured_count, _, _ = asyncio.run(drivers["secured"].timed(iterations, budget))
+                    counters.app = "baseline"
+                    baseline_count, _, _ = asyncio.run(drivers["baseline"].timed(100, budget / 10))
             finally:
                 sections.restore()
-                anyio.to_thread.run_sync = real_run_sync
-                event.remove(engine, "before_cursor_execute", before_execute)
-                event.remove(engine, "after_cursor_execute", after_execute)
             baseline_application.state.engine.dispose()
     finally:
         runtime.close()
@@ -1076,10 +1126,10 @@ def profile(deployment: Deployment, baseline_db: Path, iterations: int, budget: 
         sections_us={k: v * 1e6 / n for k, v in sections.wall.items()},
         sections_cpu_us={k: v * 1e6 / n for k, v in sections.cpu.items()},
         calls_per_request={k: v / n for k, v in sections.calls.items()},
-        sql_statements=sql["statements"] / n,
-        sql_us=sql["seconds"] * 1e6 / n,
-        thread_hops=hops["secured"] / n,
-        baseline_thread_hops=hops["baseline"] / max(baseline_count, 1),
+        sql_statements=counters.statements / n,
+        sql_us=counters.sql_seconds * 1e6 / n,
+        thread_hops=counters.hops["secured"] / n,
+        baseline_thread_hops=counters.hops["baseline"] / max(baseline_count, 1),
         thread_hop_us=hop_seconds * 1e6,
     )
 
@@ -1279,18 +1329,24 @@ def report_profile(p: Profile, secured: LoadResult | None, baseline: LoadResult 
         )
     print()
     print(
-        f"  Sections of the secured request ({p.requests} requests, timers patched in; inclusive)"
+        f"  Sections of the secured request ({p.requests} requests in a further pass, timers"
+        " patched in; inclusive; share of the top-level sum)"
     )
-    print(f"  {'':58}{'wall':>8}{'CPU':>8}{'calls':>7}")
-    top_wall = top_cpu = 0.0
-    for label, depth in SECTION_ORDER:
-        wall = p.sections_us.get(label, 0.0)
-        cpu = p.sections_cpu_us.get(label, 0.0)
-        if depth == 1:
-            top_wall, top_cpu = top_wall + wall, top_cpu + cpu
+    print(f"  {'':58}{'wall':>8}{'CPU':>8}{'share':>7}{'calls':>7}")
+    values = [
+        (label, depth, p.sections_us.get(label, 0.0), p.sections_cpu_us.get(label, 0.0))
+        for label, depth in SECTION_ORDER
+    ]
+    top_wall = sum(wall for _, depth, wall, _ in values if depth == 1)
+    top_cpu = sum(cpu for _, depth, _, cpu in values if depth == 1)
+    for label, depth, wall, cpu in values:
         calls = p.calls_per_request.get(label, 0.0)
-        print(f"  {'  ' * depth}{label:<{58 - 2 * depth}}{wall:8.0f}{cpu:8.0f}{calls:7.1f}")
-    print(f"    {'sum of the sections above':<54}{top_wall:8.0f}{top_cpu:8.0f}")
+        share = 100 * wall / top_wall if top_wall else 0.0
+        print(
+            f"  {'  ' * depth}{label:<{58 - 2 * depth}}{wall:8.0f}{cpu:8.0f}{share:6.1f}%"
+            f"{calls:7.1f}"
+        )
+    print(f"    {'sum of the top-level sections':<54}{top_wall:8.0f}{top_cpu:8.0f}")
     print(
         f"  SQL: {p.sql_statements:.1f} statements per secured request ({p.sql_us:.0f} µs wall in"
         f" the driver; the rest of their cost is the ORM). Thread-pool hops per request:"
@@ -1304,6 +1360,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args_in[:1] == ["client"]:
         client_main(args_in[1:])
         return
+    unwind_on_signals()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per line")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per line")

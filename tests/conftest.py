@@ -118,7 +118,14 @@ def hasher() -> PasswordHasher:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(mode="dev", secret_key=secrets.token_urlsafe(32), data_dir=tmp_path)
+    # No background integrator: it would share the test's single connection from another thread.
+    # Tests integrate explicitly.
+    return Settings(
+        mode="dev",
+        secret_key=secrets.token_urlsafe(32),
+        data_dir=tmp_path,
+        audit_integrate_seconds=0,
+    )
 
 
 @pytest.fixture

@@ -107,7 +107,9 @@ def check(proof: Any, checkpoint_note: str | None) -> str:
         raise InputError(f"not a {FORMAT} document")
     try:
         seq, index, size = int(proof["seq"]), int(proof["leaf_index"]), int(proof["tree_size"])
-        entry = str(proof["entry"]).encode("utf-8")
+        # A patient's access-history proof withholds the entry (it names the clinician's address
+        # and, for searches, other patients); the leaf hash then stands for it.
+        entry = str(proof["entry"]).encode("utf-8") if "entry" in proof else None
         path = [_b64(h, "an audit path element") for h in proof["inclusion_path"]]
         claimed_leaf = _b64(proof["leaf_hash"], "the leaf hash")
         claimed_root = _b64(proof["root_hash"], "the root hash")
@@ -115,15 +117,17 @@ def check(proof: Any, checkpoint_note: str | None) -> str:
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"the proof is missing or mangles a field ({exc})") from None
 
-    leaf = hashlib.sha256(b"\x00" + entry).digest()
-    if not hmac.compare_digest(leaf, claimed_leaf):
-        raise ProofError("the leaf hash is not SHA-256(0x00 || entry)")
-    try:
-        entry_seq = json.loads(entry)["seq"]
-    except (ValueError, KeyError, TypeError):
-        raise ProofError("the entry is not an audit leaf (JSON with a seq)") from None
-    if entry_seq != seq:
-        raise ProofError(f"the entry is for seq {entry_seq}, not seq {seq}")
+    leaf = claimed_leaf
+    if entry is not None:
+        leaf = hashlib.sha256(b"\x00" + entry).digest()
+        if not hmac.compare_digest(leaf, claimed_leaf):
+            raise ProofError("the leaf hash is not SHA-256(0x00 || entry)")
+        try:
+            entry_seq = json.loads(entry)["seq"]
+        except (ValueError, KeyError, TypeError):
+            raise ProofError("the entry is not an audit leaf (JSON with a seq)") from None
+        if entry_seq != seq:
+            raise ProofError(f"the entry is for seq {entry_seq}, not seq {seq}")
 
     origin, cp_size, cp_root = parse_checkpoint(note)
     if cp_size != size:
@@ -134,12 +138,18 @@ def check(proof: Any, checkpoint_note: str | None) -> str:
     if not hmac.compare_digest(cp_root, claimed_root):
         raise ProofError("the proof's root hash is not the checkpoint's")
     verify_inclusion(leaf, index, size, path, cp_root)
-    return f"OK: seq {seq} is leaf {index} of the {size}-event tree of {origin}"
+    withheld = "" if entry is not None else " (entry withheld; its leaf hash was checked)"
+    return f"OK: seq {seq} is leaf {index} of the {size}-event tree of {origin}{withheld}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("proof", type=Path, help="JSON from `medcollab audit proof --event SEQ`")
+    parser.add_argument(
+        "proof",
+        type=Path,
+        help="JSON from `medcollab audit proof --event SEQ`, or one entry's `proof` from "
+        "GET /me/access-history",
+    )
     parser.add_argument(
         "--checkpoint", type=Path, help="a checkpoint obtained independently (recommended)"
     )

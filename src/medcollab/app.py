@@ -8,6 +8,10 @@ from medcollab import __version__
 from medcollab.access.api import router as access_router
 from medcollab.api import errors, middleware
 from medcollab.api.health import router as health_router
+from medcollab.audit.api import fhir_router as audit_fhir_router
+from medcollab.audit.api import public_router as audit_public_router
+from medcollab.audit.api import router as audit_router
+from medcollab.audit.integrator import integrator_lifespan
 from medcollab.identity.api import admin_router, auth_router
 from medcollab.records.api import public_router as fhir_public_router
 from medcollab.records.api import router as fhir_router
@@ -17,6 +21,7 @@ from medcollab.runtime import Runtime
 def create_app(runtime: Runtime) -> FastAPI:
     settings = runtime.settings
     app = FastAPI(
+        lifespan=integrator_lifespan(runtime),
         title="medcollab",
         version=__version__,
         debug=settings.debug,
@@ -30,6 +35,10 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(auth_router)
     app.include_router(admin_router)
     app.include_router(access_router)
+    app.include_router(audit_public_router)
+    app.include_router(audit_router)
+    # Before the generic FHIR routes: AuditEvent is the platform's own log, not a stored record.
+    app.include_router(audit_fhir_router)
     app.include_router(fhir_public_router)
     app.include_router(fhir_router)
     return app

@@ -110,6 +110,11 @@ class Settings(BaseSettings):
     fhir_default_page_size: Annotated[int, Field(ge=1, le=1000)] = 20
     fhir_max_bundle_bytes: Annotated[int, Field(ge=1024)] = 16 * 1_048_576
 
+    # Audit log.
+    #: How often the server integrates new audit events into the Merkle tree and signs a tree head
+    #: (while events arrive). 0 disables the background integrator (tests drive it explicitly).
+    audit_integrate_seconds: Annotated[float, Field(ge=0, le=60)] = 1.0
+
     #: The deployment's jurisdiction profile; organisations may override it.
     jurisdiction: Literal["PIPL", "GDPR", "HIPAA"] = "PIPL"
 

@@ -16,6 +16,7 @@ from medcollab.config import Settings
 from medcollab.crypto.keys import KeyRing
 from medcollab.crypto.passwords import PasswordHasher
 from medcollab.crypto.providers import KeyProvider, provider_from_settings
+from medcollab.crypto.signing import LogSigner, load_or_create_log_key, log_key_path
 from medcollab.db.session import Database, make_engine
 from medcollab.kernel.clock import Clock, SystemClock
 
@@ -32,6 +33,8 @@ class Runtime:
     hasher: PasswordHasher = field(default_factory=PasswordHasher)
     #: The key-encryption-key provider, opened on first use (a PKCS#11 login is not free).
     provider: KeyProvider | None = None
+    #: The audit log's signing key (Ed25519), loaded on first use.
+    signer: LogSigner | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, clock: Clock | None = None) -> Runtime:
@@ -48,6 +51,12 @@ class Runtime:
         if self.provider is None:
             self.provider = provider_from_settings(self.settings)
         return self.provider
+
+    @property
+    def log_signer(self) -> LogSigner:
+        if self.signer is None:
+            self.signer = load_or_create_log_key(log_key_path(self.settings.key_dir))
+        return self.signer
 
     def key_service(self, session: Session) -> KeyService:
         """Data keys for one unit of work (unwrapped keys are cached per service only)."""

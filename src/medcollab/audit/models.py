@@ -7,8 +7,15 @@ each event its leaf index once (see :mod:`medcollab.audit.services`).
 - ``audit_tree_node``: the hash of every complete subtree, keyed by ``(level, idx)``; level 0 holds
   the leaf hashes. A node never changes once written, so proofs and roots at any size are
   ``O(log n)`` lookups.
+- ``audit_event_patient``: which patients each event concerns, so a patient's access history and
+  the auditors' ``AuditEvent?patient=`` search are index lookups. Derived from the event body (which
+  the tree protects); it is not itself hashed.
 - ``audit_tree_head``: the signed tree heads, each stored as the exact C2SP checkpoint note that was
   signed, with its size, root and time copied into columns for queries.
+- ``audit_archive``: one row per archived prefix of the log (:mod:`medcollab.audit.archive`). The
+  archived events' rows are deleted; their leaf hashes and every tree node stay, so the rest of the
+  log still verifies. The row keeps the archive's signed statement and checkpoint, so a row an
+  intruder adds to hide deleted events is detected: it cannot be signed.
 """
 
 from __future__ import annotations
@@ -81,3 +88,40 @@ class AuditTreeHead(Base):
     issued_at: Mapped[datetime] = mapped_column(UTCDateTime())
     #: The signed checkpoint exactly as issued: what verification and witnesses check.
     note: Mapped[str] = mapped_column(Text())
+
+
+class AuditEventPatient(Base):
+    """One row per (event, patient) the event concerns; ids only."""
+
+    __tablename__ = "audit_event_patient"
+    __repr_fields__ = ("seq", "patient_id")
+
+    # No foreign key: the index is derived, and the audit table stays free of cascades (and of
+    # constraints that would make a tampering test or a forensic repair behave differently).
+    seq: Mapped[int] = mapped_column(_SerialKey, primary_key=True, autoincrement=False)
+    patient_id: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+
+
+class AuditArchive(Base):
+    """An archived range of leaves ``[first_leaf, end_leaf)``, whose events now live in a file."""
+
+    __tablename__ = "audit_archive"
+    __table_args__ = (
+        CheckConstraint("first_leaf >= 0", name="first_leaf_non_negative"),
+        CheckConstraint("end_leaf > first_leaf", name="leaf_range"),
+        CheckConstraint("length(file_sha256) = 32", name="file_sha256_size"),
+    )
+    __repr_fields__ = ("id", "first_leaf", "end_leaf", "file_name")
+
+    id: Mapped[int] = mapped_column(_SerialKey, primary_key=True, autoincrement=True)
+    first_leaf: Mapped[int] = mapped_column(BigInteger(), unique=True)
+    end_leaf: Mapped[int] = mapped_column(BigInteger(), unique=True)
+    #: The file's name when it was written (a hint for finding it; it may be moved or renamed).
+    file_name: Mapped[str] = mapped_column(String(255))
+    #: SHA-256 of the whole file, so the file an operator produces can be matched to this row.
+    file_sha256: Mapped[bytes] = mapped_column(LargeBinary(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    #: The signed C2SP checkpoint of the tree at ``end_leaf`` leaves, also stored in the file.
+    checkpoint: Mapped[str] = mapped_column(Text())
+    #: The signed archive statement (range, root, payload hash), the first member of the file.
+    statement: Mapped[str] = mapped_column(Text())

@@ -60,7 +60,12 @@ from medcollab.audit.merkle import (
     verify_consistency,
     verify_inclusion,
 )
-from medcollab.audit.models import AuditEventRecord, AuditTreeHead, AuditTreeNode
+from medcollab.audit.models import (
+    AuditEventPatient,
+    AuditEventRecord,
+    AuditTreeHead,
+    AuditTreeNode,
+)
 from medcollab.crypto.signing import LogSigner
 from medcollab.errors import (
     ConfigurationError,
@@ -132,6 +137,16 @@ def _entity_body(entity: Entity | None) -> dict[str, object] | None:
         "query": [[name, value] for name, value in entity.query],
         "patients": list(entity.patients),
     }
+
+
+def _patients_of(event: AuditEvent) -> set[str]:
+    entity = event.entity
+    if entity is None:
+        return set()
+    found = set(entity.patients)
+    if entity.patient_id:
+        found.add(entity.patient_id)
+    return {p[:64] for p in found if p}
 
 
 def leaf_entry(seq: int, body: Mapping[str, object]) -> bytes:
@@ -305,6 +320,12 @@ class AuditLog:
         )
         self._session.add(record)
         self._session.flush()
+        patients = _patients_of(event)
+        if patients:
+            self._session.execute(
+                insert(AuditEventPatient),
+                [{"seq": record.seq, "patient_id": p} for p in sorted(patients)],
+            )
         return record
 
     # Integrating ------------------------------------------------------------------------------

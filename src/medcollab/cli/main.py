@@ -385,9 +385,11 @@ def access_explain(
 
 
 def _register_subcommands() -> None:
+    from medcollab.audit.cli import audit_app  # noqa: PLC0415
     from medcollab.keys.cli import keys_app  # noqa: PLC0415
 
     app.add_typer(keys_app, name="keys")
+    app.add_typer(audit_app, name="audit")
 
 
 _register_subcommands()

@@ -18,7 +18,7 @@ from alembic import op
 import medcollab.db.types
 
 revision: str = "a1d170000001"
-down_revision: str | None = "fe99b2c040fe"
+down_revision: str | None = "b2e0c0000002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -15,7 +15,7 @@ from alembic import op
 import medcollab.db.types
 
 revision: str = "b2e0c0000002"
-down_revision: str | None = "fe99b2c040fe"
+down_revision: str | None = "caecc2b7bb08"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
