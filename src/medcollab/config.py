@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     #: How often the server integrates new audit events into the Merkle tree and signs a tree head
     #: (while events arrive). 0 disables the background integrator (tests drive it explicitly).
     audit_integrate_seconds: Annotated[float, Field(ge=0, le=60)] = 1.0
+    #: How long audit events stay in the live log before `medcollab audit archive` may move them to a
+    #: signed file. None: the jurisdiction profile's retention (6 years, or longer if the law asks).
+    #: A shorter value than the law's minimum is refused when archiving, not here, because the
+    #: minimum also depends on the organisations' own profiles, which live in the database.
+    audit_retention_days: int | None = None
 
     #: The deployment's jurisdiction profile; organisations may override it.
     jurisdiction: Literal["PIPL", "GDPR", "HIPAA"] = "PIPL"

@@ -18,6 +18,13 @@ checkpoints the caller kept elsewhere. Everything in the database is evidence, n
 4. A signed head (or an outside checkpoint) that covers more events than remain means the log was
    *truncated* (or rolled back); an event that is not in the tree yet but was recorded long before a
    head that should have included it was *forged* in behind the integrator's back.
+5. Archived prefixes (:mod:`medcollab.audit.archive`) have no event rows left. Each ``audit_archive``
+   row must carry a statement signed by the log key (an intruder cannot claim an archive to explain
+   away deleted events) and a signed checkpoint at its end; archives must follow one another from
+   leaf 0. For archived leaves the stored leaf hashes stand in for the events: they are folded into
+   the same recomputed tree, so they must still hash up to every signed head, archive checkpoint and
+   outside checkpoint, and every stored node above them is compared as usual. The archive files
+   themselves are checked on their own by ``medcollab audit verify-archive``.
 
 The result names every problem found, ordered by position in the log; the first is the one to
 investigate. Problems that are consequences of an earlier one (every root after a missing event
@@ -29,7 +36,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -38,9 +45,10 @@ from typing import Any, Final
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from medcollab.audit.archive import ArchiveInvalid, ArchiveSignatureInvalid, open_statement
 from medcollab.audit.checkpoint import MalformedCheckpoint, SignedCheckpoint, parse_checkpoint
-from medcollab.audit.merkle import EMPTY_ROOT, CompactRange, NodeKey
-from medcollab.audit.models import AuditEventRecord, AuditTreeHead, AuditTreeNode
+from medcollab.audit.merkle import EMPTY_ROOT, HASH_SIZE, CompactRange, NodeKey
+from medcollab.audit.models import AuditArchive, AuditEventRecord, AuditTreeHead, AuditTreeNode
 from medcollab.audit.services import default_origin, event_leaf_hash, stored_nodes
 from medcollab.crypto.signing import SignatureInvalid
 from medcollab.errors import ConfigurationError, InvalidInput, MedcollabError
@@ -74,12 +82,16 @@ class Damage:
     head_id: int | None = None
     #: For problems located only to a range of leaves: the end of that range (exclusive).
     range_end: int | None = None
+    #: The damaged archive record, for archive problems.
+    archive_id: int | None = None
 
     def describe(self) -> str:
         if self.seq is not None:
             where = f" at seq {self.seq}"
             if self.leaf_index is not None:
                 where += f" (leaf {self.leaf_index})"
+        elif self.archive_id is not None:
+            where = f" in archive record #{self.archive_id}"
         elif self.leaf_index is not None:
             where = f" at leaf {self.leaf_index}"
         elif self.head_id is not None:
@@ -111,11 +123,35 @@ class CheckpointRejected(InvalidInput):
     code = "checkpoint_rejected"
 
 
+@dataclass(frozen=True, slots=True)
+class ArchivedRange:
+    """An archived prefix range the live log records (its statement verified)."""
+
+    first_leaf: int
+    end_leaf: int
+    file_name: str
+    created_at: datetime
+
+    @property
+    def events(self) -> int:
+        return self.end_leaf - self.first_leaf
+
+    def describe(self) -> str:
+        return (
+            f"{self.events} events archived (leaves {self.first_leaf}..{self.end_leaf - 1}) "
+            f"in {self.file_name}"
+        )
+
+
 @dataclass(slots=True)
 class VerificationReport:
+    #: Every event the log holds or held: in the tree (archived or live), and waiting.
     events: int = 0
     integrated: int = 0
     pending: int = 0
+    #: Leaves ``[0, archived)`` were archived; their events are in files, not in the database.
+    archived: int = 0
+    archives: list[ArchivedRange] = field(default_factory=list)
     tree_heads: int = 0
     checkpoints: int = 0
     root_hash: bytes = EMPTY_ROOT
@@ -201,7 +237,7 @@ def _column_problem(record: Mapping[Any, Any]) -> str | None:
     return None
 
 
-def _rows(session: Session) -> Iterator[_Row]:
+def _rows(session: Session, *, after: int = -1) -> Iterator[_Row]:
     events = AuditEventRecord
     columns = (
         events.seq,
@@ -215,7 +251,6 @@ def _rows(session: Session) -> Iterator[_Row]:
         events.agent_org_id,
         events.subject_user_id,
     )
-    after = -1
     while True:
         chunk = (
             session.execute(
@@ -337,6 +372,9 @@ class _Verifier:
         self._head_sizes: list[tuple[int, int]] = []  # (size, head id) of trusted heads.
         self._latest_time: datetime | None = None
         self._nodes_damaged = False
+        self._records: list[Damage] = []
+        self._archived_end = 0
+        self._archive_names: list[tuple[int, str]] = []  # (end leaf, file name) of each archive.
 
     # Heads and outside checkpoints -----------------------------------------------------------
 
@@ -437,6 +475,102 @@ class _Verifier:
                 f"checkpoint {outside.label}",
             )
 
+    # Archives -----------------------------------------------------------------------------------
+
+    def check_archives(self) -> None:
+        records = self._session.scalars(
+            select(AuditArchive).order_by(AuditArchive.first_leaf, AuditArchive.id)
+        ).all()
+        if records and (self._public_key is None or self._origin is None):
+            raise ConfigurationError(
+                "the log has archives but no log public key was given to check them"
+            )
+        end = 0
+        for record in records:
+            damage = self._open_archive(record)
+            if damage is None and record.first_leaf != end:
+                damage = Damage(
+                    DamageKind.MISSING if record.first_leaf > end else DamageKind.MODIFIED,
+                    f"it covers leaves {record.first_leaf}..{record.end_leaf - 1}, but the archived "
+                    f"prefix ends at leaf {end}: "
+                    + (
+                        "the record of the archive in between was removed"
+                        if record.first_leaf > end
+                        else "it overlaps an earlier archive"
+                    ),
+                    archive_id=record.id,
+                    leaf_index=end,
+                )
+            if damage is not None:
+                # Archives only ever extend the prefix, so nothing after a bad record is trusted:
+                # the leaves it claims count as live, and their missing events are reported.
+                self._records.append(damage)
+                break
+            end = record.end_leaf
+            self._archive_names.append((end, record.file_name))
+            self.report.archives.append(
+                ArchivedRange(
+                    record.first_leaf, record.end_leaf, record.file_name, record.created_at
+                )
+            )
+        self._archived_end = self.report.archived = end
+
+    def _open_archive(self, record: AuditArchive) -> Damage | None:
+        assert self._public_key is not None  # noqa: S101 - check_archives checked both.
+        assert self._origin is not None  # noqa: S101
+        try:
+            statement = open_statement(
+                record.statement, origin=self._origin, public_key=self._public_key
+            )
+        except ArchiveSignatureInvalid:
+            return Damage(
+                DamageKind.FORGED,
+                f"the record of an archive of leaves {record.first_leaf}..{record.end_leaf - 1} "
+                f"({record.file_name}) is not signed by the log key: the log never made it",
+                archive_id=record.id,
+                leaf_index=record.first_leaf,
+            )
+        except ArchiveInvalid as exc:
+            return Damage(DamageKind.MODIFIED, exc.message, archive_id=record.id)
+        if (statement.first_leaf, statement.end_leaf, statement.created_at) != (
+            record.first_leaf,
+            record.end_leaf,
+            record.created_at,
+        ):
+            return Damage(
+                DamageKind.MODIFIED,
+                "its leaf range or time columns differ from its signed statement "
+                f"(leaves {statement.first_leaf}..{statement.end_leaf - 1})",
+                archive_id=record.id,
+                leaf_index=statement.first_leaf,
+            )
+        try:
+            checkpoint = parse_checkpoint(record.checkpoint).verify(
+                key_name=self._origin, public_key=self._public_key
+            )
+        except (MalformedCheckpoint, SignatureInvalid):
+            return Damage(
+                DamageKind.BAD_SIGNATURE,
+                "its checkpoint is not signed by the log key",
+                archive_id=record.id,
+            )
+        if checkpoint.size != statement.end_leaf or checkpoint.root_hash != statement.root_hash:
+            return Damage(
+                DamageKind.MODIFIED,
+                "its checkpoint is not the tree its signed statement names",
+                archive_id=record.id,
+            )
+        self._expect(
+            checkpoint.size,
+            checkpoint.root_hash,
+            DamageKind.MODIFIED,
+            f"the checkpoint of archive {record.file_name}",
+        )
+        return None
+
+    def _archive_holding(self, leaf: int) -> str:
+        return next((name for end, name in self._archive_names if leaf < end), "an archive")
+
     def _expect(self, size: int, root_hash: bytes, kind: DamageKind, source: str) -> None:
         self._expectations.setdefault(size, []).append(_Expectation(size, root_hash, kind, source))
 
@@ -445,15 +579,22 @@ class _Verifier:
     def check_events(self) -> None:
         stored = _StoredLeaves(self._session)
         compact = CompactRange()
-        rows = _Lookahead(_rows(self._session))
+        archived = self._archived_end
+        rows = _Lookahead(_rows(self._session, after=archived - 1))
         aligned = True
         last_ok = {DamageKind.MODIFIED: 0, DamageKind.INCONSISTENT: 0}
         failed: set[DamageKind] = set()
         seq_at: dict[int, int] = {}  # Sequence numbers at the start of each unverified range.
         previous_seq: int | None = None
-        created: list[tuple[NodeKey, bytes]] = []
         for expectation in self._expectations.get(0, []):
             self._compare_root(expectation, EMPTY_ROOT, last_ok, failed, seq_at)
+        self._check_archived_rows(archived)
+
+        def check_roots() -> None:
+            for expectation in self._expectations.get(compact.size, []):
+                self._compare_root(expectation, compact.root(), last_ok, failed, seq_at)
+
+        created = self._fold_archived(archived, stored, compact, check_roots)
         for row in rows:
             position = compact.size
             if position in (last_ok[DamageKind.MODIFIED], last_ok[DamageKind.INCONSISTENT]):
@@ -464,8 +605,7 @@ class _Verifier:
                 if damage is not None:
                     self._specific.append(damage)
                     aligned = False
-            for expectation in self._expectations.get(compact.size, []):
-                self._compare_root(expectation, compact.root(), last_ok, failed, seq_at)
+            check_roots()
             if len(created) >= _CHUNK:
                 self._compare_nodes(created)
                 created = []
@@ -479,6 +619,38 @@ class _Verifier:
             self._check_truncation(size, previous_seq, stored_size=stored.size)
         self._check_outside_sizes(size, previous_seq)
 
+    def _fold_archived(
+        self,
+        archived: int,
+        stored: _StoredLeaves,
+        compact: CompactRange,
+        check_roots: Callable[[], None],
+    ) -> list[tuple[NodeKey, bytes]]:
+        """Fold the archived leaves into ``compact``; returns the nodes not yet compared."""
+        created: list[tuple[NodeKey, bytes]] = []
+        missing = False
+        for position in range(archived):
+            # Archived events are gone; their stored leaf hashes are the evidence that remains.
+            leaf = stored.get(position)
+            if leaf is None:
+                if not missing:
+                    self._specific.append(
+                        Damage(
+                            DamageKind.MISSING,
+                            f"the stored leaf hash of archived leaf {position} was removed; "
+                            "archived events are checked through their stored leaf hashes",
+                            leaf_index=position,
+                        )
+                    )
+                    missing = True
+                leaf = bytes(HASH_SIZE)
+            created.extend(node for node in compact.append(leaf) if node[0][0] > 0)
+            check_roots()
+            if len(created) >= _CHUNK:
+                self._compare_nodes(created)
+                created = []
+        return created
+
     def _align(  # noqa: PLR0911 - one return per kind of damage, in the order they are told apart.
         self,
         row: _Row,
@@ -491,10 +663,13 @@ class _Verifier:
             return Damage(DamageKind.MODIFIED, row.problem, seq=row.seq, leaf_index=position)
         if row.leaf_index != position:
             after = f" after seq {previous_seq}" if previous_seq is not None else ""
+            if position == self._archived_end:
+                start = f"the live log starts at leaf {row.leaf_index}, not {position}"
+            else:
+                start = f"leaf indexes jump from {position - 1} to {row.leaf_index}"
             return Damage(
                 DamageKind.MISSING,
-                f"leaf indexes jump from {position - 1} to {row.leaf_index}: "
-                f"{row.leaf_index - position} event(s){after} were removed",
+                f"{start}: {row.leaf_index - position} event(s){after} were removed",
                 leaf_index=position,
             )
         expected = stored.get(position)
@@ -605,6 +780,27 @@ class _Verifier:
                 self._nodes_damaged = True
                 return
 
+    def _check_archived_rows(self, archived: int) -> None:
+        if not archived:
+            return
+        events = AuditEventRecord
+        found = self._session.execute(
+            select(events.seq, events.leaf_index)
+            .where(events.leaf_index.is_not(None), events.leaf_index < archived)
+            .order_by(events.leaf_index)
+            .limit(1)
+        ).first()
+        if found is not None:
+            self._specific.append(
+                Damage(
+                    DamageKind.FORGED,
+                    f"the event claims leaf {found.leaf_index}, whose event was archived to "
+                    f"{self._archive_holding(found.leaf_index)} and removed from the live log",
+                    seq=found.seq,
+                    leaf_index=found.leaf_index,
+                )
+            )
+
     def _check_truncation(self, size: int, last_seq: int | None, *, stored_size: int) -> None:
         beyond = [(s, head_id) for s, head_id in self._head_sizes if s > size]
         if beyond:
@@ -687,7 +883,7 @@ class _Verifier:
             (d.leaf_index or 0, 1, d) for d in generic
         ]
         ranked.sort(key=lambda item: (item[0], item[1]))
-        return [*self._heads, *(d for _, _, d in ranked)]
+        return [*self._heads, *self._records, *(d for _, _, d in ranked)]
 
 
 def verify_log(
@@ -707,6 +903,7 @@ def verify_log(
     verifier = _Verifier(session, public_key=public_key, origin=origin, checkpoints=checkpoints)
     verifier.check_outside()
     verifier.check_heads()
+    verifier.check_archives()
     verifier.check_events()
     verifier.check_pending()
     report = verifier.report
@@ -717,6 +914,7 @@ def verify_log(
 
 __all__ = [
     "MAX_INTEGRATION_LAG",
+    "ArchivedRange",
     "AuditLogDamaged",
     "CheckpointRejected",
     "Damage",
