@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI
 
 from medcollab import __version__
@@ -17,6 +19,8 @@ from medcollab.records.api import public_router as fhir_public_router
 from medcollab.records.api import router as fhir_router
 from medcollab.runtime import Runtime
 
+log = logging.getLogger("medcollab")
+
 
 def create_app(runtime: Runtime) -> FastAPI:
     settings = runtime.settings
@@ -29,6 +33,8 @@ def create_app(runtime: Runtime) -> FastAPI:
         redoc_url=None,
     )
     app.state.runtime = runtime
+    if settings.unsafe_disable_audit:
+        log.warning("UNSAFE: auditing of record access is disabled (benchmark mode)")
     errors.install(app)
     middleware.install(app, settings)
     app.include_router(health_router)

@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     fhir_max_bundle_bytes: Annotated[int, Field(ge=1024)] = 16 * 1_048_576
 
     # Audit log.
+    #: UNSAFE, benchmarks only: skip audit events of record access so the cost of auditing can be
+    #: measured. Refused outside dev mode; every server start with it logs a warning.
+    unsafe_disable_audit: bool = False
     #: How often the server integrates new audit events into the Merkle tree and signs a tree head
     #: (while events arrive). 0 disables the background integrator (tests drive it explicitly).
     audit_integrate_seconds: Annotated[float, Field(ge=0, le=60)] = 1.0
@@ -223,6 +226,8 @@ class Settings(BaseSettings):
             )
         if self.debug:
             problems.append("debug is on: set MEDCOLLAB_DEBUG=false")
+        if self.unsafe_disable_audit:
+            problems.append("auditing is off: unset MEDCOLLAB_UNSAFE_DISABLE_AUDIT")
         if self.key_provider == "pkcs11":
             pin = self.pkcs11_pin.get_secret_value()
             if not self.pkcs11_module:

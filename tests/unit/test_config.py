@@ -414,3 +414,12 @@ def test_configured_locations_win(tmp_path: Path) -> None:
     assert settings.sqlalchemy_url == "postgresql://medcollab@db/medcollab"
     assert settings.resolved_tls_cert_file == tmp_path / "real" / "cert.pem"
     assert settings.resolved_tls_key_file == tmp_path / "real" / "key.pem"
+
+
+def test_unsafe_audit_switch_is_refused_outside_dev(tmp_path: Path) -> None:
+    """The benchmark-only switch that skips record-access audit events never serves production."""
+    settings = Settings(
+        mode="production", secret_key="p" * 48, data_dir=tmp_path, unsafe_disable_audit=True
+    )
+    with pytest.raises(ConfigurationError, match="MEDCOLLAB_UNSAFE_DISABLE_AUDIT"):
+        settings.check_safe_to_serve()

@@ -207,6 +207,8 @@ class RecordRepository:
         break_glass: bool = False,
     ) -> None:
         event_type = ACTION_EVENTS[action] if isinstance(action, Action) else action
+        if self.settings.unsafe_disable_audit and self.settings.mode == "dev":
+            return  # Benchmarks only; see Settings.unsafe_disable_audit.
         self._audit.append(
             AuditEvent(
                 type=event_type,
