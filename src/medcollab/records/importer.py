@@ -89,6 +89,10 @@ def _entries(data: Any) -> Iterator[tuple[str | None, dict[str, Any]]]:
     if data["resourceType"] == "Bundle" and data.get("type") in ("transaction", "batch"):
         for index, entry in enumerate(data.get("entry") or []):
             resource = (entry or {}).get("resource")
+            method = str(((entry or {}).get("request") or {}).get("method", "")).upper()
+            if resource is None and method in ("GET", "HEAD", "DELETE"):
+                # Requests that read or delete carry no data to import.
+                continue
             if not isinstance(resource, dict):
                 raise InvalidInput(f"Bundle.entry[{index}] has no resource")
             full_url = entry.get("fullUrl")
