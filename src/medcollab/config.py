@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     tls_key_file: Path | None = None
     hsts_max_age: PositiveSeconds = 63_072_000
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
+    #: File uploads (consultation attachments, imaging) get their own, larger limit.
+    max_upload_bytes: Annotated[int, Field(ge=1024)] = 32 * 1_048_576
     #: Address headers are only trusted from these proxies; none by default.
     trusted_proxies: tuple[str, ...] = ()
 

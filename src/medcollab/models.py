@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from medcollab.access import models as access_models
 from medcollab.audit import models as audit_models
+from medcollab.collaboration import models as collaboration_models
 from medcollab.db.base import Base
 from medcollab.identity import models as identity_models
 from medcollab.keys import models as keys_models
@@ -18,6 +19,7 @@ metadata = Base.metadata
 __all__ = [
     "access_models",
     "audit_models",
+    "collaboration_models",
     "identity_models",
     "keys_models",
     "metadata",

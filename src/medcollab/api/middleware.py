@@ -46,10 +46,31 @@ _UNMATCHED: Final = "/<unmatched>"
 def content_security_policy(path: str) -> str:
     """The Content-Security-Policy for a response to ``path``.
 
-    Every response gets :data:`API_CSP` today. The server-rendered web UI will relax it for its
-    pages to ``default-src 'self'`` (still without inline script) here, by path, in this one place.
+    The server-rendered web pages (``medcollab.web``) get a policy that allows their own scripts,
+    styles and images only, never inline script or style (``'unsafe-inline'`` would let injected
+    markup run), ``data:`` images for the enrolment QR code, no framing, no ``<base>`` and forms
+    to this origin only. Everything else, the APIs and unknown paths, gets :data:`API_CSP`.
+
+    The web prefixes are an allow-list rather than a list of API prefixes, matched by whole path
+    segments: a router added later (an API by default) keeps the strict policy until someone
+    decides otherwise. ``/`` itself only redirects, so it keeps the API policy too.
     """
-    del path
+    web_prefixes = (
+        "/login",
+        "/logout",
+        "/lang",
+        "/session",
+        "/account",
+        "/my",
+        "/clinic",
+        "/org",
+        "/static",
+    )
+    if any(path == prefix or path.startswith(prefix + "/") for prefix in web_prefixes):
+        return (
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+        )
     return API_CSP
 
 
@@ -215,9 +236,17 @@ class BodyLimitMiddleware:
     uploads (imaging, later) need their own streaming limit and a larger ``max_body_bytes``.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, fhir_max_body_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        fhir_max_body_bytes: int = 0,
+        upload_max_body_bytes: int = 0,
+    ) -> None:
         self.app = app
         self.default_max_body_bytes = max_body_bytes
+        self.upload_max_body_bytes = max(upload_max_body_bytes, max_body_bytes)
         # FHIR Bundles (a Synthea patient is about a mebibyte) get their own, larger limit.
         self.fhir_max_body_bytes = max(fhir_max_body_bytes, max_body_bytes)
         self.max_body_bytes = max_body_bytes
@@ -228,7 +257,14 @@ class BodyLimitMiddleware:
             return
         path = str(scope.get("path", ""))
         fhir = path == "/fhir/R4" or path.startswith("/fhir/R4/")
-        limit = self.fhir_max_body_bytes if fhir else self.default_max_body_bytes
+        upload = path.startswith("/collab/") and "/attachments" in path
+        limit = (
+            self.fhir_max_body_bytes
+            if fhir
+            else self.upload_max_body_bytes
+            if upload
+            else self.default_max_body_bytes
+        )
         # Per request, without mutating shared state: the limit travels in a local copy.
         await _Limited(self.app, limit, fhir)(scope, receive, send)
 
@@ -320,6 +356,7 @@ def secure_transport(app: ASGIApp, settings: Settings) -> ASGIApp:
                 app,
                 max_body_bytes=settings.max_body_bytes,
                 fhir_max_body_bytes=settings.fhir_max_bundle_bytes,
+                upload_max_body_bytes=settings.max_upload_bytes,
             ),
             hsts_max_age=settings.hsts_max_age,
         )

@@ -34,8 +34,9 @@ An archive file is two gzip members, which ``zcat`` prints one after the other:
 
 Verification (:func:`verify_archive`) authenticates before it parses: it reads the small statement,
 checks its signature, and compares the SHA-256 of the payload's *compressed* bytes with the signed
-one, so a flipped byte anywhere in the file is a signature failure and no untrusted payload is ever
-decompressed. Then it recomputes every leaf hash, folds them onto the ``prefix`` nodes into the root
+one, so a changed byte in the payload or the statement's text is a signature failure and no
+untrusted payload is ever decompressed. (The statement member's gzip header fields, time and OS,
+carry nothing and are covered only by the file's SHA-256 in the live log's record.) Then it recomputes every leaf hash, folds them onto the ``prefix`` nodes into the root
 at ``k``, and compares that with the signed checkpoint; the consistency proof links the checkpoint
 to the later head, and ``live=`` links it to the live log's current head. The prefix nodes need no
 signature: a wrong one cannot produce the signed root.
@@ -172,8 +173,8 @@ class RetentionPolicy:
             raise RetentionNotElapsed(
                 f"refusing to archive events recorded before {cutoff.isoformat()}: the audit "
                 f"retention is {_years(self.period)} ({self.source}), so the cutoff may be "
-                f"{latest.isoformat()} at the latest",
-                hint="choose an earlier --before date",
+                f"{latest.replace(microsecond=0).isoformat()} at the latest",
+                hint=f"--before {latest.date().isoformat()} is the latest date allowed today",
             )
 
 
@@ -375,6 +376,7 @@ def archive_before(
     clock: Clock,
     retention: RetentionPolicy,
     dry_run: bool = False,
+    max_events: int | None = None,
 ) -> ArchiveReport:
     """Archive the oldest events recorded before ``cutoff`` into ``out``, then drop their rows.
 
@@ -388,10 +390,14 @@ def archive_before(
     the file is a valid archive the live log does not reference, and nothing is lost.
 
     ``retention`` is required, not defaulted, so no caller can archive without a retention rule; a
-    ``cutoff`` inside the retention period raises :class:`RetentionNotElapsed`.
+    ``cutoff`` inside the retention period raises :class:`RetentionNotElapsed`. ``max_events``
+    bounds one archive (and so how long its transaction holds the integrator lock, and on SQLite
+    the write lock); the next call continues where it stopped.
     """
     if cutoff.tzinfo is None:
         raise ValueError("the cutoff must be timezone-aware")
+    if max_events is not None and max_events < 1:
+        raise InvalidInput("an archive holds at least one event")
     now = clock.now()
     retention.check_cutoff(cutoff, now)
     created = truncate_to_milliseconds(now)
@@ -405,6 +411,8 @@ def archive_before(
     size = tree.tree_size()
     start, previous_root = _archived_prefix(session, origin, public_key)
     end = _prefix_end(session, start, cutoff, size)
+    if max_events is not None:
+        end = min(end, start + max_events)
     if end <= start:
         return ArchiveReport(origin, start, start, created, dry_run=dry_run)
 
@@ -582,15 +590,14 @@ class _EventScan:
                 .limit(_BATCH)
             ).all()
             last = position + len(rows)
-            stored = dict(
-                self._session.execute(
-                    select(AuditTreeNode.idx, AuditTreeNode.hash).where(
-                        AuditTreeNode.level == 0,
-                        AuditTreeNode.idx >= position,
-                        AuditTreeNode.idx < last,
-                    )
-                ).tuples()
+            nodes = self._session.execute(
+                select(AuditTreeNode.idx, AuditTreeNode.hash).where(
+                    AuditTreeNode.level == 0,
+                    AuditTreeNode.idx >= position,
+                    AuditTreeNode.idx < last,
+                )
             )
+            stored = {int(idx): bytes(h) for idx, h in nodes}
             for seq, leaf_index, body, recorded_at in rows:
                 if leaf_index != position:
                     raise AuditLogCorrupted(

@@ -8,7 +8,7 @@
   it is committed, as a C2SP checkpoint for an outside witness.
 - ``proof --event SEQ`` prints an inclusion proof of one event as JSON, which
   ``tools/verify_proof.py`` (standard library only) checks.
-- ``archive --before YYYY-MM-DD --out FILE [--dry-run]`` moves the oldest events recorded before the
+- ``archive --before YYYY-MM-DD --out FILE [--dry-run] [--max-events N]`` moves the oldest events recorded before the
   date (a prefix of the log) into a signed, compressed file and removes them from the database,
   after checking that the date is past the retention period and that the live log verifies.
 - ``verify-archive FILE [--against-live] [--verifier-key KEY]`` checks an archive file on its own
@@ -314,6 +314,15 @@ def archive(
         bool,
         typer.Option("--dry-run", help="Check and report what would be archived; change nothing."),
     ] = False,
+    max_events: Annotated[
+        int | None,
+        typer.Option(
+            "--max-events",
+            metavar="N",
+            min=1,
+            help="Archive at most N events (shorter locks); run again to continue.",
+        ),
+    ] = None,
 ) -> None:
     """Move events older than the retention period into a signed archive file."""
     cutoff = _cutoff(before)
@@ -339,6 +348,7 @@ def archive(
                 clock=runtime.clock,
                 retention=retention,
                 dry_run=dry_run,
+                max_events=max_events,
             )
     out.print(f"retention    {retention.period.days:,} days ({retention.source})")
     out.print(f"cutoff       {cutoff.isoformat()}")

@@ -478,8 +478,14 @@ PATIENT_COMPARTMENT: Final[Mapping[str, tuple[str, ...]]] = {
     "Organization": (),
 }
 #: Elements that name the patient in resource types outside the table (Claim.patient,
-#: Coverage.beneficiary, Goal.subject, ...).
-_FALLBACK_PATIENT_ELEMENTS: Final = ("subject", "patient", "beneficiary")
+#: Coverage.beneficiary, Goal.subject, Task.for, Appointment.participant.actor, ...).
+_FALLBACK_PATIENT_ELEMENTS: Final = (
+    "subject",
+    "patient",
+    "beneficiary",
+    "for",
+    "participant.actor",
+)
 
 MAX_VALUE_LENGTH: Final = 1024
 MAX_VALUES_PER_PARAMETER: Final = 50

@@ -1,0 +1,1 @@
+"""Collaboration between institutions: referrals, remote consultations and appointments."""
