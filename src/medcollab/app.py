@@ -6,7 +6,7 @@ import logging
 
 from fastapi import FastAPI
 
-from medcollab import __version__
+from medcollab import __version__, web
 from medcollab.access.api import router as access_router
 from medcollab.api import errors, middleware
 from medcollab.api.health import router as health_router
@@ -37,6 +37,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     if settings.unsafe_disable_audit:
         log.warning("UNSAFE: auditing of record access is disabled (benchmark mode)")
     errors.install(app)
+    web.install(app)
     middleware.install(app, settings)
     app.include_router(health_router)
     app.include_router(auth_router)
