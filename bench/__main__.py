@@ -57,6 +57,11 @@ def _run_fhir_read(quick: bool) -> tuple[dict[str, Any], str]:
             f"secured {secured.requests_per_second:.0f} req/s vs baseline "
             f"{baseline.requests_per_second:.0f} req/s = {result.ratio:.3f}x"
         )
+    if result.audit_ratio is not None and result.audit_cost_percent is not None:
+        summary += (
+            f"; audit on/off {result.audit_ratio:.3f}x "
+            f"(audit costs {result.audit_cost_percent:.1f}% of read throughput)"
+        )
     return result.to_json(), summary
 
 

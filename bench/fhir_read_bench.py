@@ -9,7 +9,12 @@ In one run, on a two-core machine, with byte-identical response bodies:
   session, decides the access policy, decrypts the record and appends an audit event;
 * **secured+TLS**: the same over HTTPS with the server's own TLS policy (``--no-tls`` skips it);
 * **secured c=1**: the secured server with one connection, no concurrent requests (``--no-single``
-  skips it), which shows what concurrency costs it.
+  skips it), which shows what concurrency costs it;
+* **secured, audit off**: a second ``medcollab serve`` over the same data directory, started in dev
+  mode with ``MEDCOLLAB_UNSAFE_DISABLE_AUDIT=true`` so that record access appends no audit event
+  (``--no-audit-off`` skips it). The secured line's req/s over this one's says what auditing costs
+  (issue 4: at most 15% of read throughput); the run first checks that this server appends no
+  event for a read and the secured server does.
 
 Baseline and secured use plain HTTP on 127.0.0.1: TLS is excluded from both so that their ratio
 measures the application's security work, not the transport's. Each server is one uvicorn worker
@@ -73,6 +78,10 @@ STOP_TIMEOUT: Final = 10.0
 #: The fallback client never sends more than this many requests, whatever the duration.
 MAX_CLIENT_REQUESTS: Final = 2_000_000
 ORG_CODE: Final = "BENCH"
+#: The line of the secured server started with auditing of record access switched off.
+AUDIT_OFF: Final = "secured, audit off"
+#: Issue 4's goal: auditing record access costs at most this share of read throughput.
+AUDIT_COST_GOAL_PERCENT: Final = 15.0
 USERNAME: Final = "bench.physician"
 
 
@@ -344,6 +353,8 @@ class Deployment:
     root: Path
     port: int = field(default_factory=free_port)
     tls_port: int = field(default_factory=free_port)
+    #: The second plain-HTTP server, started with auditing of record access switched off.
+    audit_off_port: int = field(default_factory=free_port)
     password: str = field(default_factory=lambda: f"bench {secrets.token_urlsafe(18)} harbour")
     otpauth_uri: str = ""
     token: str = ""
@@ -354,13 +365,24 @@ class Deployment:
     def data_dir(self) -> Path:
         return self.root / "data"
 
-    def environment(self, *, tls: bool = False) -> dict[str, str]:
+    def _port(self, *, tls: bool, audit: bool) -> int:
+        if tls and not audit:
+            raise ValueError("the audit-off server is plain HTTP only")
+        if tls:
+            return self.tls_port
+        return self.port if audit else self.audit_off_port
+
+    def environment(self, *, tls: bool = False, audit: bool = True) -> dict[str, str]:
+        """The server's environment; ``audit=False`` adds the dev-only switch that skips the audit
+        events of record access (Settings.unsafe_disable_audit), for the audit-off line only."""
+        # Nothing MEDCOLLAB_ from the caller's shell: a stray MEDCOLLAB_UNSAFE_DISABLE_AUDIT must
+        # never reach the servers that are measured with auditing on.
         env = {k: v for k, v in os.environ.items() if not k.startswith("MEDCOLLAB_")}
         env.update(
             MEDCOLLAB_MODE="dev",
             MEDCOLLAB_TLS="true" if tls else "false",
             MEDCOLLAB_DATA_DIR=str(self.data_dir),
-            MEDCOLLAB_PORT=str(self.tls_port if tls else self.port),
+            MEDCOLLAB_PORT=str(self._port(tls=tls, audit=audit)),
             MEDCOLLAB_HOST="127.0.0.1",
             # No medcollab.toml from wherever the benchmark was started.
             MEDCOLLAB_CONFIG=str(self.root / "absent.toml"),
@@ -368,6 +390,8 @@ class Deployment:
             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
             NO_COLOR="1",
         )
+        if not audit:
+            env["MEDCOLLAB_UNSAFE_DISABLE_AUDIT"] = "true"
         return env
 
     @contextlib.contextmanager
@@ -421,21 +445,21 @@ class Deployment:
     def serve_argv(self) -> list[str]:
         return pinned(SERVER_CPU, [sys.executable, "-m", "medcollab.cli.main", "serve"])
 
-    def base(self, *, tls: bool = False) -> str:
-        if tls:
-            return f"https://127.0.0.1:{self.tls_port}"
-        return f"http://127.0.0.1:{self.port}"
+    def base(self, *, tls: bool = False, audit: bool = True) -> str:
+        scheme = "https" if tls else "http"
+        return f"{scheme}://127.0.0.1:{self._port(tls=tls, audit=audit)}"
 
     @property
     def cert_file(self) -> Path:
         return self.data_dir / "tls" / "cert.pem"
 
-    def healthy(self, *, tls: bool = False) -> Callable[[], bool]:
+    def healthy(self, *, tls: bool = False, audit: bool = True) -> Callable[[], bool]:
         def probe() -> bool:
             cafile = self.cert_file if tls else None
             if tls and not self.cert_file.is_file():
                 return False
-            return request(self.base(tls=tls), "GET", "/healthz", cafile=cafile).status == 200
+            base = self.base(tls=tls, audit=audit)
+            return request(base, "GET", "/healthz", cafile=cafile).status == 200
 
         return probe
 
@@ -487,6 +511,45 @@ class Deployment:
 
     def bearer(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
+
+    def audit_events(self) -> int:
+        """How many audit events the deployment holds (read in process, outside any load)."""
+        from sqlalchemy import func, select  # noqa: PLC0415
+
+        from medcollab.audit.models import AuditEventRecord  # noqa: PLC0415
+
+        runtime = self.runtime()
+        try:
+            with runtime.database.unit_of_work() as session:
+                return session.scalar(select(func.count()).select_from(AuditEventRecord)) or 0
+        finally:
+            runtime.close()
+
+    def check_audit_switch(self) -> None:
+        """The audit-off server answers the same bytes and appends no audit event for a read; the
+        secured server appends one. Otherwise the audit on/off ratio would measure nothing."""
+        before = self.audit_events()
+        reply = expect(
+            request(self.base(audit=False), "GET", self.read_path(), headers=self.bearer()),
+            200,
+            "read Observation (audit off)",
+        )
+        if reply.body != self.payload:
+            raise RuntimeError("the audit-off server's payload differs from the secured server's")
+        unaudited = self.audit_events()
+        expect(
+            request(self.base(), "GET", self.read_path(), headers=self.bearer()),
+            200,
+            "read Observation",
+        )
+        audited = self.audit_events()
+        if unaudited != before:
+            raise RuntimeError(
+                f"the audit-off server appended {unaudited - before} audit events for one read: "
+                "MEDCOLLAB_UNSAFE_DISABLE_AUDIT did not take effect"
+            )
+        if audited <= unaudited:
+            raise RuntimeError("the secured server appended no audit event for a read")
 
     def read_path(self) -> str:
         return f"/fhir/R4/Observation/{self.observation_id}"
@@ -1153,10 +1216,26 @@ class ReadBenchResult:
             return None
         return secured.requests_per_second / baseline.requests_per_second
 
+    @property
+    def audit_ratio(self) -> float | None:
+        """Secured throughput with auditing on over the same with it off (1.0: audit is free)."""
+        audited, unaudited = self.line("secured"), self.line(AUDIT_OFF)
+        if not audited or not unaudited or not unaudited.requests_per_second:
+            return None
+        return audited.requests_per_second / unaudited.requests_per_second
+
+    @property
+    def audit_cost_percent(self) -> float | None:
+        """The share of the audit-off throughput that auditing costs."""
+        ratio = self.audit_ratio
+        return None if ratio is None else 100 * (1 - ratio)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "loads": [asdict(r) for r in self.loads],
             "ratio_secured_to_baseline": self.ratio,
+            "ratio_audit_on_to_off": self.audit_ratio,
+            "audit_cost_percent": self.audit_cost_percent,
             "profile": asdict(self.profile) if self.profile else None,
             "notes": self.notes,
         }
@@ -1170,6 +1249,8 @@ class ReadBenchConfig:
     tls: bool = True
     #: Also measure the secured server with one connection (no concurrent requests).
     single_connection: bool = True
+    #: Also measure a second secured server with auditing of record access switched off.
+    audit_off: bool = True
     install: bool = True
     profile_iterations: int = 2000
     profile_budget: float = 30.0
@@ -1225,9 +1306,29 @@ def run(config: ReadBenchConfig) -> ReadBenchResult:
             if reply.body != deployment.payload:
                 raise RuntimeError("the baseline's payload differs from the secured server's")
             targets = [
-                Target("secured", deployment.base() + deployment.read_path(), deployment.bearer()),
-                Target("baseline", baseline_base + deployment.read_path(), {}),
+                Target("secured", deployment.base() + deployment.read_path(), deployment.bearer())
             ]
+            if config.audit_off:
+                # The same data directory, read by the same session token: only the audit events
+                # of record access (and the commit that writes them) are left out.
+                servers.enter_context(
+                    running(
+                        "medcollab (HTTP, audit off)",
+                        deployment.serve_argv(),
+                        deployment.environment(audit=False),
+                        root / "secured-audit-off.log",
+                        deployment.healthy(audit=False),
+                    )
+                )
+                deployment.check_audit_switch()
+                targets.append(
+                    Target(
+                        AUDIT_OFF,
+                        deployment.base(audit=False) + deployment.read_path(),
+                        deployment.bearer(),
+                    )
+                )
+            targets.append(Target("baseline", baseline_base + deployment.read_path(), {}))
             if config.tls:
                 servers.enter_context(
                     running(
@@ -1275,13 +1376,13 @@ def report(result: ReadBenchResult) -> None:
     print()
     print("FHIR read: GET /fhir/R4/Observation/{id}, one uvicorn worker on core 0, load on core 1")
     print(
-        f"  {'':13}{'client':>7}{'conns':>6}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+        f"  {'':19}{'client':>7}{'conns':>6}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'errors':>7}  req/s per round"
     )
     for r in result.loads:
         rounds = " ".join(f"{x:.0f}" for x in r.round_rps)
         print(
-            f"  {r.name:13}{r.client:>7}{r.connections:>6}{r.requests_per_second:>9.0f}"
+            f"  {r.name:19}{r.client:>7}{r.connections:>6}{r.requests_per_second:>9.0f}"
             f"{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.errors:>7}  {rounds}"
         )
     secured, baseline = result.line("secured"), result.line("baseline")
@@ -1296,13 +1397,44 @@ def report(result: ReadBenchResult) -> None:
         if tls_line and secured.requests_per_second:
             ratio = tls_line.requests_per_second / secured.requests_per_second
             print(f"  ratio secured+TLS/secured: {ratio:.3f}x req/s")
+    report_audit(result)
     for note in result.notes:
         print(f"  note: {note}")
     if result.profile:
-        report_profile(result.profile, secured, baseline)
+        report_profile(result.profile, secured, baseline, result.line(AUDIT_OFF))
 
 
-def report_profile(p: Profile, secured: LoadResult | None, baseline: LoadResult | None) -> None:
+def report_audit(result: ReadBenchResult) -> None:
+    """Issue 4: the same secured read with auditing on and off, measured in the same rounds."""
+    audited, unaudited = result.line("secured"), result.line(AUDIT_OFF)
+    ratio, cost = result.audit_ratio, result.audit_cost_percent
+    if not audited or not unaudited or ratio is None or cost is None:
+        return
+    p50 = audited.p50_ms / unaudited.p50_ms if unaudited.p50_ms else float("nan")
+    p99 = audited.p99_ms / unaudited.p99_ms if unaudited.p99_ms else float("nan")
+    # The two lines are neighbours in every round's order, so each round's ratio compares
+    # measurements taken back to back: their spread shows how far the machine's noise reaches.
+    per_round = " ".join(
+        f"{on / off:.2f}" if off else "-"
+        for on, off in zip(audited.round_rps, unaudited.round_rps, strict=True)
+    )
+    print(
+        f"  ratio secured (audit on) / secured (audit off): {ratio:.3f}x req/s "
+        f"(latency: p50 {p50:.2f}x, p99 {p99:.2f}x; per round {per_round})"
+    )
+    verdict = "met" if cost <= AUDIT_COST_GOAL_PERCENT else "NOT met"
+    print(
+        f"  audit costs {cost:.1f}% of read throughput "
+        f"(goal: at most {AUDIT_COST_GOAL_PERCENT:.0f}%: {verdict})"
+    )
+
+
+def report_profile(
+    p: Profile,
+    secured: LoadResult | None,
+    baseline: LoadResult | None,
+    audit_off: LoadResult | None = None,
+) -> None:
     print()
     print(
         "Where the secured request's time goes (in process on core 0, no socket; "
@@ -1310,7 +1442,10 @@ def report_profile(p: Profile, secured: LoadResult | None, baseline: LoadResult 
     )
     print(f"  {'':58}{'wall':>8}{'CPU':>8}")
     if secured and baseline:
-        for label, line in (("baseline", baseline), ("secured", secured)):
+        served_lines = [("baseline", baseline), ("secured", secured)]
+        if audit_off:
+            served_lines.append((AUDIT_OFF, audit_off))
+        for label, line in served_lines:
             served = f"served over HTTP (1/throughput): {label}"
             print(f"  {served:58}{line.server_us_per_request:8.0f}")
     rows = (
@@ -1369,6 +1504,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--no-single", action="store_true", help="skip the secured line with one connection"
     )
+    parser.add_argument(
+        "--no-audit-off",
+        action="store_true",
+        help="skip the secured line with auditing of record access switched off",
+    )
     parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk")
     parser.add_argument("--profile-iterations", type=int, default=2000)
     args = parser.parse_args(args_in)
@@ -1378,6 +1518,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         connections=args.connections,
         tls=not args.no_tls,
         single_connection=not args.no_single,
+        audit_off=not args.no_audit_off,
         install=not args.no_install,
         profile_iterations=args.profile_iterations,
     )
