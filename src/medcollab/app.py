@@ -16,6 +16,7 @@ from medcollab.audit.api import router as audit_router
 from medcollab.audit.integrator import integrator_lifespan
 from medcollab.collaboration.api import router as collaboration_router
 from medcollab.identity.api import admin_router, auth_router
+from medcollab.imaging.api import router as imaging_router
 from medcollab.records.api import public_router as fhir_public_router
 from medcollab.records.api import router as fhir_router
 from medcollab.runtime import Runtime
@@ -44,6 +45,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(admin_router)
     app.include_router(access_router)
     app.include_router(collaboration_router)
+    app.include_router(imaging_router)
     app.include_router(audit_public_router)
     app.include_router(audit_router)
     # Before the generic FHIR routes: AuditEvent is the platform's own log, not a stored record.

@@ -11,6 +11,7 @@ from medcollab.audit import models as audit_models
 from medcollab.collaboration import models as collaboration_models
 from medcollab.db.base import Base
 from medcollab.identity import models as identity_models
+from medcollab.imaging import models as imaging_models
 from medcollab.keys import models as keys_models
 from medcollab.records import models as records_models
 
@@ -21,6 +22,7 @@ __all__ = [
     "audit_models",
     "collaboration_models",
     "identity_models",
+    "imaging_models",
     "keys_models",
     "metadata",
     "records_models",

@@ -233,7 +233,7 @@ class BodyLimitMiddleware:
 
     Buffering (up to the limit, one mebibyte by default) is what guarantees that the application
     never acts on part of a body that later turns out too large. Routes that must accept large
-    uploads (imaging, later) need their own streaming limit and a larger ``max_body_bytes``.
+    uploads (consultation attachments, DICOM imaging) get ``upload_max_body_bytes`` instead.
     """
 
     def __init__(
@@ -257,7 +257,9 @@ class BodyLimitMiddleware:
             return
         path = str(scope.get("path", ""))
         fhir = path == "/fhir/R4" or path.startswith("/fhir/R4/")
-        upload = path.startswith("/collab/") and "/attachments" in path
+        upload = (
+            path.startswith(("/collab/", "/clinic/consultations/")) and "/attachments" in path
+        ) or path.startswith("/imaging/studies")
         limit = (
             self.fhir_max_body_bytes
             if fhir

@@ -72,6 +72,11 @@ HISTORY_TYPES: Final = (
     "collab:appointment:booking-refused",
     "collab:appointment:cancelled",
     "collab:appointment:listed",
+    # Imaging (medcollab.imaging).
+    "imaging:study:uploaded",
+    "imaging:instance:downloaded",
+    "imaging:study:shared",
+    "imaging:instance:deidentified-download",
 )
 _ACTIONS: Final = {
     "read": "read",

@@ -77,6 +77,11 @@ class EventType(StrEnum):
     APPOINTMENT_BOOKING_REFUSED = "collab:appointment:booking-refused"
     APPOINTMENT_CANCELLED = "collab:appointment:cancelled"
     APPOINTMENT_LISTED = "collab:appointment:listed"
+    # Imaging (medcollab.imaging): each names the patient and the ImagingStudy.
+    IMAGING_UPLOADED = "imaging:study:uploaded"
+    IMAGING_DOWNLOADED = "imaging:instance:downloaded"
+    IMAGING_SHARED = "imaging:study:shared"
+    IMAGING_DEIDENTIFIED_DOWNLOADED = "imaging:instance:deidentified-download"
 
 
 class Outcome(StrEnum):
@@ -108,6 +113,9 @@ EVENT_ACTIONS: Final[MappingProxyType[EventType, str]] = MappingProxyType(
         EventType.FHIR_EVERYTHING: "R",
         EventType.FHIR_EXPORT: "R",
         EventType.CONSENT_CHANGED: "U",
+        EventType.IMAGING_UPLOADED: "C",
+        EventType.IMAGING_DOWNLOADED: "R",
+        EventType.IMAGING_DEIDENTIFIED_DOWNLOADED: "R",
     }
 )
 

@@ -25,17 +25,14 @@ Appointments
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import uuid
-from dataclasses import dataclass
-from email.message import EmailMessage
 from typing import Annotated, Final
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 from medcollab.api.deps import RuntimeDep, require_json
+from medcollab.api.uploads import Upload, parse_multipart
 from medcollab.collaboration.services import (
     DEFAULT_INVITATION_DAYS,
     MAX_ATTACHMENT_BYTES,
@@ -246,15 +243,8 @@ def post_message(consult_id: str, body: MessageIn, service: Consultations) -> Me
     return service.post_message(consult_id, body.text)
 
 
-@dataclass(frozen=True, slots=True)
-class Upload:
-    filename: str
-    content: bytes
-
-
 async def multipart_file(request: Request) -> Upload:
-    """The ``file`` field of a ``multipart/form-data`` body, parsed by the standard library's MIME
-    parser (RFC 2046). The declared Content-Type of the part is ignored on purpose."""
+    """The one ``file`` field of a ``multipart/form-data`` body (see :mod:`medcollab.api.uploads`)."""
     header = request.headers.get("content-type", "")
     if (
         header.split(";", 1)[0].strip().lower() != "multipart/form-data"
@@ -264,23 +254,10 @@ async def multipart_file(request: Request) -> Upload:
             "send the file as multipart/form-data",
             hint="one form field named 'file', with a file name",
         )
-    raw = await request.body()
-    prefix = b"Content-Type: " + header.encode("latin-1") + b"\r\n\r\n"
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(prefix + raw)
-    files = []
-    if isinstance(message, EmailMessage) and message.is_multipart():
-        for part in message.iter_parts():
-            if not isinstance(part, EmailMessage):
-                continue
-            if part.get_param("name", header="content-disposition") == "file":
-                files.append(part)
+    files = parse_multipart(header, await request.body(), field="file", max_files=2)
     if len(files) != 1:
         raise InvalidInput("the form must have exactly one field named 'file'")
-    part = files[0]
-    content = part.get_payload(decode=True)
-    if not isinstance(content, bytes):
-        raise InvalidInput("the 'file' field could not be read")
-    return Upload(filename=part.get_filename() or "", content=content)
+    return files[0]
 
 
 @router.get("/consultations/{consult_id}/attachments")

@@ -299,6 +299,10 @@ class _Service:
             }
         return self._org_codes.get(org_id, "?")
 
+    def org_code(self, org_id: uuid.UUID) -> str:
+        """The organisation's short code, for display."""
+        return self._org_code(org_id)
+
     def _org_by_code(self, code: str) -> Organization:
         return UserService(session=self._db, runtime=self._runtime).org_by_code(code)
 
@@ -1118,6 +1122,11 @@ class ConsultationService(_Service):
             ) from None
         return consult, participant
 
+    def participation(self, consult_id: str) -> tuple[ConsultationRecord, ParticipantRecord]:
+        """The thread and the caller's participation with a live basis, for services that add
+        to a thread (imaging shares); refusals are audited and answered 404 or 403."""
+        return self._member(consult_id)
+
     def _deny(self, consult: ConsultationRecord, reason: str) -> NoReturn:
         self._event(
             EventType.CONSULTATION_ACCESS_DENIED,
@@ -1649,6 +1658,64 @@ class ConsultationService(_Service):
         )
         return self._attachment_view(record, name), content
 
+    # The patient's view ------------------------------------------------------------------------
+
+    def list_for_patient(self, *, limit: int = 200) -> list[PatientConsultationView]:
+        """The consultations about the caller's own patient record (or their wards'): topic,
+        status and the organisations taking part, never the messages or files. Each thread shown
+        is audited as a read naming its patient, so it appears in their access history."""
+        self._user_id()
+        patients = self._own_patients()
+        if not patients:
+            raise PermissionDenied("this list is for patients and their guardians")
+        threads = self._db.scalars(
+            select(ConsultationRecord)
+            .where(ConsultationRecord.patient_id.in_(sorted(patients)))
+            .order_by(ConsultationRecord.created_at.desc(), ConsultationRecord.id)
+            .limit(limit)
+        ).all()
+        orgs: dict[uuid.UUID, set[uuid.UUID]] = {}
+        if threads:
+            for consult_id, org_id in self._db.execute(
+                select(ParticipantRecord.consult_id, ParticipantRecord.org_id).where(
+                    ParticipantRecord.consult_id.in_([t.id for t in threads])
+                )
+            ):
+                orgs.setdefault(consult_id, set()).add(org_id)
+        views = []
+        for consult in threads:
+            topic = self._unseal(b"topic", consult, consult.id, consult.topic_enc).decode("utf-8")
+            self._event(EventType.CONSULTATION_READ, self._entity(consult), ("patient-listed",))
+            views.append(
+                PatientConsultationView(
+                    id=consult.id,
+                    patient_id=consult.patient_id,
+                    org=self._org_code(consult.org_id),
+                    topic=topic,
+                    status=consult.status.value,
+                    created_at=consult.created_at,
+                    organisations=tuple(
+                        sorted(self._org_code(o) for o in orgs.get(consult.id, {consult.org_id}))
+                    ),
+                )
+            )
+        return views
+
+
+@dataclass(frozen=True, slots=True)
+class PatientConsultationView:
+    """A consultation as its patient sees it in a list: no messages, no files, no names."""
+
+    id: uuid.UUID
+    patient_id: str
+    #: The organisation that opened the thread.
+    org: str
+    topic: str
+    status: str
+    created_at: datetime
+    #: Every organisation with a participant in the thread.
+    organisations: tuple[str, ...]
+
 
 class _ConsultationNotFound(NotFound):
     """A refused consultation access looks like a missing one; its audit event is kept."""
@@ -1802,13 +1869,7 @@ def detect_media_type(content: bytes, filename: str) -> str:
     """
     if not content:
         raise InvalidInput("the file is empty")
-    for magic, label in _EXECUTABLES:
-        # DICOM's 128-byte preamble is free-form, so a DICOM file can also be a program.
-        if content.startswith(magic):
-            raise UnsafeAttachment(
-                f"the file is {label}, not a document or image; only {_ACCEPTED_LABELS} files "
-                "can be attached"
-            )
+    refuse_programs(content)
     ext = _extension(filename)
     claimed = _BY_EXTENSION.get(ext)
     found = _sniff(content)
@@ -1828,6 +1889,20 @@ def detect_media_type(content: bytes, filename: str) -> str:
     if found is _DICOM:
         _check_dicom(content)
     return found.media_type
+
+
+def refuse_programs(content: bytes) -> None:
+    """Refuse programs and scripts by the magic number at the start, where loaders look for it.
+
+    DICOM's 128-byte preamble is free-form, so a DICOM file can also be a program (a PE/DICOM
+    polyglot); this catches those too.
+    """
+    for magic, label in _EXECUTABLES:
+        if content.startswith(magic):
+            raise UnsafeAttachment(
+                f"the file is {label}, not a document or image; only {_ACCEPTED_LABELS} files "
+                "are accepted"
+            )
 
 
 def _check_pdf(content: bytes) -> None:

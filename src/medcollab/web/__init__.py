@@ -26,6 +26,7 @@ def install(app: FastAPI) -> None:
     # Imported here so that ``python -m medcollab.web.i18n`` (catalogue upkeep) does not load the
     # whole application first.
     from medcollab.web import errors  # noqa: PLC0415
+    from medcollab.web.collab import router as collab_router  # noqa: PLC0415
     from medcollab.web.routes import router  # noqa: PLC0415
 
     if getattr(app.state, "web_installed", False):
@@ -33,4 +34,5 @@ def install(app: FastAPI) -> None:
     app.state.web_installed = True
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(router)
+    app.include_router(collab_router)
     errors.install(app)

@@ -10,7 +10,8 @@ token of an unsafe request with the HMAC stored for the session. What the web ad
   reads, to put it into a ``<meta>`` tag and the hidden field of every form. A page of another
   site can neither read that cookie nor the page, so it cannot produce the token; a forged form
   post is refused with 403 whatever cookies the browser attaches.
-* Forms are sent as ``application/x-www-form-urlencoded``; the token travels in the hidden field
+* Forms are sent as ``application/x-www-form-urlencoded`` (file uploads as
+  ``multipart/form-data``); the token travels in the hidden field
   ``csrf_token``, or in ``X-CSRF-Token`` when HTMX sends the request (``static/app.js``).
 * Before a session exists (the sign-in forms, the language switch), a pre-session token in the
   cookie ``__Host-medcollab_pre`` must match the form's field (double submit), so another site
@@ -30,6 +31,7 @@ from urllib.parse import parse_qs
 from fastapi import Depends, Request
 
 from medcollab.api.deps import CSRF_HEADER, SESSION_COOKIE, Auth, Client, DbSession, Users
+from medcollab.api.uploads import form_parts
 from medcollab.errors import (
     AuthenticationFailed,
     InvalidInput,
@@ -47,6 +49,7 @@ PRE_SESSION_COOKIE: Final = "__Host-medcollab_pre"
 CSRF_FIELD: Final = "csrf_token"
 SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 _FORM_TYPE: Final = "application/x-www-form-urlencoded"
+_MULTIPART_TYPE: Final = "multipart/form-data"
 _MAX_FIELDS: Final = 100
 
 
@@ -56,11 +59,37 @@ class CsrfRefused(PermissionDenied):
     code = "csrf_refused"
 
 
-async def form_data(request: Request) -> dict[str, str]:
-    """The request's URL-encoded form (the last value of each field); ``{}`` for safe methods.
+@dataclass(frozen=True, slots=True)
+class FormFile:
+    """A file field of a ``multipart/form-data`` form; its declared Content-Type is ignored."""
 
-    Parsed here rather than with ``python-multipart``: the pages only ever post URL-encoded forms,
-    and the body has already passed the transport's size limit.
+    filename: str
+    content: bytes
+
+
+def _multipart(request: Request, header: str, body: bytes) -> dict[str, str]:
+    """A file-upload form: text fields are returned, file fields kept in
+    ``request.state.web_files``."""
+    fields: dict[str, str] = {}
+    files: dict[str, FormFile] = {}
+    for part in form_parts(header, body, max_parts=_MAX_FIELDS):
+        if part.filename is not None:
+            files[part.name] = FormFile(part.filename, part.content)
+            continue
+        try:
+            fields[part.name] = part.content.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInput("the form could not be read") from None
+    request.state.web_files = files
+    return fields
+
+
+async def form_data(request: Request) -> dict[str, str]:
+    """The request's form (the last value of each field); ``{}`` for safe methods.
+
+    Parsed here rather than with ``python-multipart``: the pages post URL-encoded forms, and
+    ``multipart/form-data`` only to upload a file (:func:`form_files`); the body has already
+    passed the transport's size limit.
     """
     if request.method in SAFE_METHODS:
         return {}
@@ -68,7 +97,11 @@ async def form_data(request: Request) -> dict[str, str]:
     if cached is not None:
         return cached
     body = await request.body()
-    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    header = request.headers.get("content-type", "")
+    media_type = header.split(";", 1)[0].strip().lower()
+    if body and media_type == _MULTIPART_TYPE:
+        request.state.web_form = _multipart(request, header, body)
+        return dict(request.state.web_form)
     if body and media_type != _FORM_TYPE:
         raise UnsupportedMediaType("forms must be sent URL-encoded", hint=f"use {_FORM_TYPE}")
     try:
@@ -82,6 +115,16 @@ async def form_data(request: Request) -> dict[str, str]:
 
 
 WebForm = Annotated[dict[str, str], Depends(form_data)]
+
+
+async def form_files(request: Request, form: WebForm) -> dict[str, FormFile]:
+    """The files of a ``multipart/form-data`` form (none for any other form)."""
+    del form  # Parsed for its side effect: the files are kept beside the fields.
+    files: dict[str, FormFile] = getattr(request.state, "web_files", {})
+    return files
+
+
+WebFiles = Annotated[dict[str, FormFile], Depends(form_files)]
 
 
 def check_same_origin(request: Request) -> None:

@@ -79,8 +79,6 @@ _env.filters["day"] = _day
 class NavItem:
     href: str
     label: str
-    #: Placeholders lead to pages that say the feature is coming, with no data.
-    placeholder: bool = False
 
 
 def navigation(actor: Actor) -> list[tuple[str, list[NavItem]]]:
@@ -95,9 +93,9 @@ def navigation(actor: Actor) -> list[tuple[str, list[NavItem]]]:
                     NavItem("/my/access", N_("Who accessed my record")),
                     NavItem("/my/consents", N_("Sharing and consents")),
                     NavItem("/my/notifications", N_("Notifications")),
-                    NavItem("/my/referrals", N_("Referrals"), placeholder=True),
-                    NavItem("/my/consultations", N_("Consultations"), placeholder=True),
-                    NavItem("/my/appointments", N_("Appointments"), placeholder=True),
+                    NavItem("/my/referrals", N_("Referrals")),
+                    NavItem("/my/consultations", N_("Consultations")),
+                    NavItem("/my/appointments", N_("Appointments")),
                 ],
             )
         )
@@ -107,9 +105,9 @@ def navigation(actor: Actor) -> list[tuple[str, list[NavItem]]]:
                 N_("Clinic"),
                 [
                     NavItem("/clinic/patients", N_("My patients")),
-                    NavItem("/clinic/referrals", N_("Referrals"), placeholder=True),
-                    NavItem("/clinic/consultations", N_("Consultations"), placeholder=True),
-                    NavItem("/clinic/appointments", N_("Appointments"), placeholder=True),
+                    NavItem("/clinic/referrals", N_("Referrals")),
+                    NavItem("/clinic/consultations", N_("Consultations")),
+                    NavItem("/clinic/appointments", N_("Appointments")),
                 ],
             )
         )

@@ -107,6 +107,11 @@ ACTIONS: Final = {
     "booked": N_("booked"),
     "booking-refused": N_("could not book"),
     "cancelled": N_("cancelled"),
+    # Imaging (DICOM studies) steps.
+    "uploaded": N_("uploaded"),
+    "downloaded": N_("downloaded"),
+    "shared": N_("shared (into a consultation)"),
+    "deidentified-download": N_("downloaded a de-identified copy of"),
 }
 #: What a patient reads for the resource types in their access history.
 RESOURCE_NAMES: Final = {
@@ -154,11 +159,6 @@ REVIEW_STATUSES: Final = {
     "open": N_("open"),
     "approved": N_("approved"),
     "flagged": N_("flagged"),
-}
-PLACEHOLDERS: Final = {
-    "referrals": N_("Referrals"),
-    "consultations": N_("Consultations"),
-    "appointments": N_("Appointments"),
 }
 COMMON: Final[dict[str, Any]] = {
     "purposes": PURPOSES,
@@ -688,14 +688,6 @@ def read_notifications(
     return redirect("/my/notifications", request)
 
 
-@router.get("/my/{feature}")
-def my_placeholder(*, request: Request, feature: str, view: PageViewer) -> HTMLResponse:
-    require(view.actor, Permission.OWN_RECORD_READ)
-    if feature not in PLACEHOLDERS:
-        raise NotFound("no such page")
-    return _page(request, "placeholder.html", view, feature=PLACEHOLDERS[feature])
-
-
 # Clinicians --------------------------------------------------------------------------------------
 
 
@@ -848,14 +840,6 @@ def break_glass(
             max_reason=_MAX_REASON,
         )
     return redirect(f"/clinic/patients/{patient_id}", request)
-
-
-@router.get("/clinic/{feature}")
-def clinic_placeholder(*, request: Request, feature: str, view: PageViewer) -> HTMLResponse:
-    _clinician(view)
-    if feature not in PLACEHOLDERS:
-        raise NotFound("no such page")
-    return _page(request, "placeholder.html", view, feature=PLACEHOLDERS[feature])
 
 
 # Organisation: users, audit, reviews -------------------------------------------------------------

@@ -328,14 +328,31 @@ def test_security_officer_searches_and_verifies_the_log(web_world: WebWorld) -> 
     assert "intact" in verified.text
 
 
-def test_placeholders_show_no_data(web_world: WebWorld) -> None:
+def test_collaboration_pages_are_real_pages_for_their_roles(web_world: WebWorld) -> None:
+    """The menu's collaboration entries lead to working pages (no "coming soon"), each for its
+    role only; their flows are tested in test_collab_pages.py."""
     client = web_world.browser()
     web_sign_in(client, web_world.doctor, web_world.clock)
-    for path in ("/clinic/referrals", "/clinic/consultations", "/clinic/appointments"):
+    for path, heading, form in (
+        ("/clinic/referrals", "Referrals", 'action="/clinic/referrals"'),
+        ("/clinic/consultations", "Consultations", 'action="/clinic/consultations"'),
+        ("/clinic/appointments", "Appointments", 'action="/clinic/appointments/schedules"'),
+    ):
         page = client.get(path)
         assert page.status_code == 200
-        assert "no data is behind this page" in page.text
+        assert f"<h1>{heading}</h1>" in page.text
+        assert form in page.text
+        assert "coming soon" not in page.text
+        assert f'<a href="{path}" aria-current="page">' in page.text
     assert client.get("/my/referrals").status_code == 403  # Patients' pages need a patient role.
+    assert client.get("/clinic/unknown").status_code == 404
+    patient = web_world.browser()
+    web_sign_in(patient, web_world.patient, web_world.clock)
+    for path in ("/my/referrals", "/my/consultations", "/my/appointments"):
+        page = patient.get(path)
+        assert page.status_code == 200
+        assert "coming soon" not in page.text
+    assert patient.get("/clinic/consultations").status_code == 403
 
 
 def test_language_switch(web_world: WebWorld) -> None:

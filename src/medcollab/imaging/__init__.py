@@ -1,0 +1,1 @@
+"""Imaging: DICOM studies stored encrypted beside their FHIR ImagingStudy, and shared."""
