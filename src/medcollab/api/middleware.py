@@ -258,8 +258,11 @@ class BodyLimitMiddleware:
         path = str(scope.get("path", ""))
         fhir = path == "/fhir/R4" or path.startswith("/fhir/R4/")
         upload = (
-            path.startswith(("/collab/", "/clinic/consultations/")) and "/attachments" in path
-        ) or path.startswith("/imaging/studies")
+            (path.startswith(("/collab/", "/clinic/consultations/")) and "/attachments" in path)
+            or path.startswith("/imaging/studies")
+            # The chart's DICOM upload form (web.imaging).
+            or (path.startswith("/clinic/patients/") and path.endswith("/imaging"))
+        )
         limit = (
             self.fhir_max_body_bytes
             if fhir

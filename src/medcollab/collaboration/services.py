@@ -64,8 +64,7 @@ from medcollab.access.consents import ORG_IDENTIFIER_SYSTEM, directives
 from medcollab.access.context import AccessContext
 from medcollab.access.policy import Action, Purpose, RelationshipKind, Subject
 from medcollab.access.services import AccessService
-from medcollab.audit.events import Agent, AuditEvent, Entity, EventType, Outcome
-from medcollab.audit.services import AuditLog
+from medcollab.audit.events import Entity, EventType, Outcome
 from medcollab.collaboration.models import (
     AppointmentRecord,
     AppointmentStatus,
@@ -241,7 +240,6 @@ class _Service:
         self._clock = repo.clock
         self._keys = repo.keys
         self._access = AccessService(session=self._db, clock=self._clock, keyring=runtime.keyring)
-        self._audit = AuditLog(self._db)
         self._subject: Subject | None = None
         self._org_codes: dict[uuid.UUID, str] | None = None
 
@@ -336,37 +334,6 @@ class _Service:
         return UserService(session=self._db, runtime=self._runtime).display_name(user)
 
     # Audit and repositories --------------------------------------------------------------------
-
-    def _agent(self) -> Agent:
-        ctx = self._ctx
-        return Agent(
-            user_id=ctx.user_id,
-            org_id=ctx.org_id,
-            role=",".join(sorted(ctx.roles)),
-            session_hash=ctx.session_ref,
-            client_address=ctx.client_address,
-            user_agent=(ctx.user_agent or "")[:200] or None,
-        )
-
-    def _event(
-        self,
-        event_type: EventType,
-        entity: Entity,
-        reasons: Iterable[str] = (),
-        *,
-        outcome: Outcome = Outcome.SUCCESS,
-    ) -> None:
-        self._audit.append(
-            AuditEvent(
-                type=event_type,
-                outcome=outcome,
-                recorded_at=self._now(),
-                agent=self._agent(),
-                reasons=tuple(reasons),
-                entity=entity,
-                purpose=self._ctx.purpose.value,
-            )
-        )
 
     def _repository(self, ctx: AccessContext) -> RecordRepository:
         return RecordRepository(
@@ -577,7 +544,7 @@ class ReferralService(_Service):
         )
         self._db.add(record)
         self._db.flush()
-        self._event(
+        self._repo.record_event(
             EventType.REFERRAL_CREATED,
             Entity(patient_id, "ServiceRequest", sr_id),
             self._step_reasons(record),
@@ -707,7 +674,7 @@ class ReferralService(_Service):
             scope=_scope_of(record),
         )
         self._update_resources(record, task_status="accepted")
-        self._event(
+        self._repo.record_event(
             EventType.REFERRAL_ACCEPTED,
             Entity(record.patient_id, "ServiceRequest", record.service_request_id),
             (*self._step_reasons(record), f"accounts={len(users)}"),
@@ -744,7 +711,7 @@ class ReferralService(_Service):
             note=note,
             status_reason="declined",
         )
-        self._event(
+        self._repo.record_event(
             EventType.REFERRAL_DECLINED,
             Entity(record.patient_id, "ServiceRequest", record.service_request_id),
             self._step_reasons(record),
@@ -788,7 +755,7 @@ class ReferralService(_Service):
             note=note,
             status_reason=f"revoked-by-{side.value}",
         )
-        self._event(
+        self._repo.record_event(
             EventType.REFERRAL_REVOKED,
             Entity(record.patient_id, "ServiceRequest", record.service_request_id),
             (*self._step_reasons(record), f"side={side.value}"),
@@ -818,7 +785,7 @@ class ReferralService(_Service):
         ).all()
         listed = tuple(sorted({r.patient_id for r in rows}))
         if listed:
-            self._event(
+            self._repo.record_event(
                 EventType.REFERRAL_LISTED,
                 Entity(
                     listed[0] if len(listed) == 1 else None,
@@ -988,7 +955,7 @@ class ConsultationService(_Service):
             self._integrity_failure(consult, kind)
 
     def _integrity_failure(self, consult: ConsultationRecord, kind: bytes) -> NoReturn:
-        self._event(
+        self._repo.record_event(
             EventType.RECORD_INTEGRITY_FAILURE,
             Entity(consult.patient_id, "Consultation", str(consult.id)),
             (f"sealed-{kind.decode()}-failed-authentication",),
@@ -1111,7 +1078,7 @@ class ConsultationService(_Service):
                 profile=self._profile_of(consult.org_id),
             )
         except ConsentRequired as refused:
-            self._event(
+            self._repo.record_event(
                 EventType.CONSULTATION_ACCESS_DENIED,
                 Entity(consult.patient_id, "Consultation", str(consult.id)),
                 ("basis-lapsed", refused.diagnostics()[:300]),
@@ -1128,7 +1095,7 @@ class ConsultationService(_Service):
         return self._member(consult_id)
 
     def _deny(self, consult: ConsultationRecord, reason: str) -> NoReturn:
-        self._event(
+        self._repo.record_event(
             EventType.CONSULTATION_ACCESS_DENIED,
             Entity(consult.patient_id, "Consultation", str(consult.id)),
             (reason,),
@@ -1158,7 +1125,7 @@ class ConsultationService(_Service):
         consult_id = uuid.uuid4()
         entity = Entity(patient_id, "Consultation", str(consult_id))
         if not decision.permitted:
-            self._event(
+            self._repo.record_event(
                 EventType.CONSULTATION_CREATED,
                 entity,
                 decision.reasons,
@@ -1188,7 +1155,7 @@ class ConsultationService(_Service):
             )
         )
         self._db.flush()
-        self._event(EventType.CONSULTATION_CREATED, entity, decision.reasons[:1])
+        self._repo.record_event(EventType.CONSULTATION_CREATED, entity, decision.reasons[:1])
         return self._view(consult, topic, ParticipantRole.OWNER)
 
     def _view(
@@ -1237,7 +1204,7 @@ class ConsultationService(_Service):
     def get(self, consult_id: str) -> ConsultationView:
         consult, me = self._member(consult_id)
         topic = self._unseal(b"topic", consult, consult.id, consult.topic_enc).decode("utf-8")
-        self._event(EventType.CONSULTATION_READ, self._entity(consult), ("thread",))
+        self._repo.record_event(EventType.CONSULTATION_READ, self._entity(consult), ("thread",))
         return self._view(consult, topic, me.role, detail=True)
 
     def list_mine(self, *, include_archived: bool = False) -> list[ConsultationView]:
@@ -1269,7 +1236,7 @@ class ConsultationService(_Service):
             except ConsentRequired:
                 continue
             topic = self._unseal(b"topic", consult, consult.id, consult.topic_enc)
-            self._event(EventType.CONSULTATION_READ, self._entity(consult), ("listed",))
+            self._repo.record_event(EventType.CONSULTATION_READ, self._entity(consult), ("listed",))
             views.append(self._view(consult, topic.decode("utf-8"), participant.role))
         return views
 
@@ -1319,7 +1286,7 @@ class ConsultationService(_Service):
                 .values(status=InvitationStatus.REVOKED, decided_at=now)
             )
         self._db.refresh(consult)
-        self._event(event, self._entity(consult))
+        self._repo.record_event(event, self._entity(consult))
         topic = self._unseal(b"topic", consult, consult.id, consult.topic_enc).decode("utf-8")
         return self._view(consult, topic, me.role)
 
@@ -1372,7 +1339,7 @@ class ConsultationService(_Service):
                 profile=self._profile_of(consult.org_id),
             )
         except ConsentRequired as refused:
-            self._event(
+            self._repo.record_event(
                 EventType.CONSULTATION_INVITATION_REFUSED,
                 entity,
                 (
@@ -1396,7 +1363,7 @@ class ConsultationService(_Service):
         )
         self._db.add(invitation)
         self._db.flush()
-        self._event(
+        self._repo.record_event(
             EventType.CONSULTATION_INVITED,
             entity,
             (f"invitation={invitation_id}", f"invitee={user_id}", f"basis={basis}"),
@@ -1496,7 +1463,7 @@ class ConsultationService(_Service):
             )
         )
         self._db.flush()
-        self._event(
+        self._repo.record_event(
             EventType.CONSULTATION_JOINED,
             self._entity(consult),
             (f"invitation={invitation.id}", f"basis={basis}"),
@@ -1519,7 +1486,7 @@ class ConsultationService(_Service):
         if not won:
             raise Conflict(f"the invitation is already {invitation.status.value}")
         self._db.refresh(invitation)
-        self._event(
+        self._repo.record_event(
             EventType.CONSULTATION_DECLINED,
             self._entity(consult),
             (f"invitation={invitation.id}",),
@@ -1544,7 +1511,7 @@ class ConsultationService(_Service):
         )
         self._db.add(message)
         self._db.flush()
-        self._event(
+        self._repo.record_event(
             EventType.CONSULTATION_MESSAGE_POSTED,
             self._entity(consult),
             (f"message={message_id}",),
@@ -1572,7 +1539,9 @@ class ConsultationService(_Service):
             )
             for row in rows
         ]
-        self._event(EventType.CONSULTATION_READ, self._entity(consult), (f"messages={len(rows)}",))
+        self._repo.record_event(
+            EventType.CONSULTATION_READ, self._entity(consult), (f"messages={len(rows)}",)
+        )
         return views
 
     # Attachments -------------------------------------------------------------------------------
@@ -1602,7 +1571,7 @@ class ConsultationService(_Service):
         )
         self._db.add(record)
         self._db.flush()
-        self._event(
+        self._repo.record_event(
             EventType.CONSULTATION_ATTACHMENT_ADDED,
             self._entity(consult),
             (f"attachment={attachment_id}", f"type={media_type}", f"size={len(content)}"),
@@ -1635,7 +1604,7 @@ class ConsultationService(_Service):
             )
             for row in rows
         ]
-        self._event(
+        self._repo.record_event(
             EventType.CONSULTATION_READ, self._entity(consult), (f"attachments={len(rows)}",)
         )
         return views
@@ -1651,7 +1620,7 @@ class ConsultationService(_Service):
             raise NotFound("no such attachment")
         content = self._unseal(b"attachment", consult, record.id, record.content_enc)
         name = self._unseal(b"attachment-name", consult, record.id, record.filename_enc).decode()
-        self._event(
+        self._repo.record_event(
             EventType.CONSULTATION_ATTACHMENT_READ,
             Entity(consult.patient_id, "Binary", str(record.id)),
             (f"consultation={consult.id}", f"type={record.media_type}"),
@@ -1685,7 +1654,9 @@ class ConsultationService(_Service):
         views = []
         for consult in threads:
             topic = self._unseal(b"topic", consult, consult.id, consult.topic_enc).decode("utf-8")
-            self._event(EventType.CONSULTATION_READ, self._entity(consult), ("patient-listed",))
+            self._repo.record_event(
+                EventType.CONSULTATION_READ, self._entity(consult), ("patient-listed",)
+            )
             views.append(
                 PatientConsultationView(
                     id=consult.id,
@@ -2013,7 +1984,7 @@ class AppointmentService(_Service):
         )
         self._db.add(record)
         self._db.flush()
-        self._event(
+        self._repo.record_event(
             EventType.SCHEDULE_PUBLISHED,
             Entity(None, "Schedule", record.id),
             (f"practitioner={practitioner}",),
@@ -2154,7 +2125,7 @@ class AppointmentService(_Service):
         )
         entity = Entity(patient, "Appointment", appointment_id)
         if not claimed:
-            self._event(
+            self._repo.record_event(
                 EventType.APPOINTMENT_BOOKING_REFUSED,
                 entity,
                 (f"slot={slot_id}", "slot-taken"),
@@ -2195,7 +2166,7 @@ class AppointmentService(_Service):
         )
         self._db.add(record)
         self._db.flush()
-        self._event(
+        self._repo.record_event(
             EventType.APPOINTMENT_BOOKED,
             entity,
             (f"slot={slot.id}", f"org={slot.org_id}", f"start={_instant(slot.starts_at)}"),
@@ -2257,7 +2228,7 @@ class AppointmentService(_Service):
         body["status"] = "cancelled"
         repo.update("Appointment", record.id, body)
         self._set_slot_resource(repo, slot.id, "free")
-        self._event(
+        self._repo.record_event(
             EventType.APPOINTMENT_CANCELLED,
             Entity(record.patient_id, "Appointment", record.id),
             (f"slot={slot.id}",),
@@ -2286,7 +2257,7 @@ class AppointmentService(_Service):
         views = [self._appointment_view(a, s, sch) for a, s, sch in rows]
         listed = tuple(sorted({v.patient_id for v in views}))
         if listed:
-            self._event(
+            self._repo.record_event(
                 EventType.APPOINTMENT_LISTED,
                 Entity(listed[0] if len(listed) == 1 else None, "Appointment", patients=listed),
                 (f"appointments={len(views)}",),

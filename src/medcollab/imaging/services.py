@@ -46,8 +46,7 @@ from sqlalchemy.exc import IntegrityError as DatabaseIntegrityError
 from sqlalchemy.orm import Session
 
 from medcollab.access.policy import Action
-from medcollab.audit.events import Agent, AuditEvent, Entity, EventType, Outcome
-from medcollab.audit.services import AuditLog
+from medcollab.audit.events import Entity, EventType, Outcome
 from medcollab.collaboration.models import ConsultationRecord, ConsultationStatus
 from medcollab.collaboration.services import ConsultationService, refuse_programs
 from medcollab.crypto.envelope import IntegrityError, length_prefixed
@@ -215,7 +214,6 @@ class ImagingService:
         self._db: Session = repo.session
         self._ctx = repo.ctx
         self._keys = repo.keys
-        self._audit = AuditLog(self._db)
         self._max_instance_bytes = max_instance_bytes
         self._consultations: ConsultationService | None = None
 
@@ -223,34 +221,6 @@ class ImagingService:
 
     def _now(self) -> datetime:
         return self._repo.clock.now()
-
-    def _event(
-        self,
-        event_type: EventType,
-        entity: Entity,
-        reasons: Iterable[str] = (),
-        *,
-        outcome: Outcome = Outcome.SUCCESS,
-    ) -> None:
-        ctx = self._ctx
-        self._audit.append(
-            AuditEvent(
-                type=event_type,
-                outcome=outcome,
-                recorded_at=self._now(),
-                agent=Agent(
-                    user_id=ctx.user_id,
-                    org_id=ctx.org_id,
-                    role=",".join(sorted(ctx.roles)),
-                    session_hash=ctx.session_ref,
-                    client_address=ctx.client_address,
-                    user_agent=(ctx.user_agent or "")[:200] or None,
-                ),
-                reasons=tuple(reasons),
-                entity=entity,
-                purpose=ctx.purpose.value,
-            )
-        )
 
     def _seal(
         self, kind: bytes, row_id: uuid.UUID, study: ImagingStudyRecord, data: bytes
@@ -270,7 +240,7 @@ class ImagingService:
                 aad=_aad(kind, row_id, study.id, study.patient_id),
             )
         except IntegrityError:
-            self._event(
+            self._repo.record_event(
                 EventType.RECORD_INTEGRITY_FAILURE,
                 Entity(study.patient_id, "ImagingStudy", str(study.id)),
                 (f"sealed-imaging-{kind.decode()}-failed-authentication", f"row={row_id}"),
@@ -377,7 +347,7 @@ class ImagingService:
             raise Conflict("the study is being uploaded by someone else; retry") from None
         match, warnings = self._patient_match(patient_id, parsed)
         flagged = sum(1 for row in stored if row.burned_in_risk)
-        self._event(
+        self._repo.record_event(
             EventType.IMAGING_UPLOADED,
             Entity(patient_id, "ImagingStudy", str(study.id)),
             (
@@ -420,7 +390,7 @@ class ImagingService:
             )
             return new, None
         if study.patient_id != patient_id:
-            self._event(
+            self._repo.record_event(
                 EventType.IMAGING_UPLOADED,
                 Entity(patient_id, "ImagingStudy"),
                 ("study-filed-under-another-patient",),
@@ -588,7 +558,7 @@ class ImagingService:
         self._stored_study(study)
         row = self._instance_row(study, instance_id)
         content = self._unseal(b"content", row.id, study, row.content_enc)
-        self._event(
+        self._repo.record_event(
             EventType.IMAGING_DOWNLOADED,
             Entity(study.patient_id, "ImagingStudy", str(study.id)),
             (f"instance={row.id}", f"size={row.size}"),
@@ -622,7 +592,7 @@ class ImagingService:
             if release_flagged and not existing.release_flagged:
                 # Released after review: flagged images now go out de-identified too.
                 existing.release_flagged = True
-                self._event(
+                self._repo.record_event(
                     EventType.IMAGING_SHARED,
                     Entity(study.patient_id, "ImagingStudy", str(study.id)),
                     (f"consultation={consult.id}", "release-flagged=true", "released-after-review"),
@@ -644,7 +614,7 @@ class ImagingService:
         self._db.add(share)
         self._db.flush()
         flagged = sum(1 for row in self._instances(study) if row.burned_in_risk)
-        self._event(
+        self._repo.record_event(
             EventType.IMAGING_SHARED,
             Entity(study.patient_id, "ImagingStudy", str(study.id)),
             (
@@ -701,7 +671,7 @@ class ImagingService:
             study = self._db.get(ImagingStudyRecord, share.study_id)
             if study is not None:
                 views.append(self._share_view(share, study, consult))
-        self._event(
+        self._repo.record_event(
             EventType.CONSULTATION_READ,
             Entity(consult.patient_id, "Consultation", str(consult.id)),
             (f"imaging-shares={len(views)}",),
@@ -722,7 +692,7 @@ class ImagingService:
             return self.download(str(study.id), str(row.id))
         entity = Entity(study.patient_id, "ImagingStudy", str(study.id))
         if row.burned_in_risk and not share.release_flagged:
-            self._event(
+            self._repo.record_event(
                 EventType.IMAGING_DEIDENTIFIED_DOWNLOADED,
                 entity,
                 (f"instance={row.id}", f"share={share.id}", "withheld-burned-in-risk"),
@@ -739,7 +709,7 @@ class ImagingService:
             max_bytes=max(self._max_instance_bytes, row.size),
         )
         result = deidentifier.deidentify(self._unseal(b"content", row.id, study, row.content_enc))
-        self._event(
+        self._repo.record_event(
             EventType.IMAGING_DEIDENTIFIED_DOWNLOADED,
             entity,
             (
@@ -752,7 +722,7 @@ class ImagingService:
         return DicomFile(row.id, result.data, deidentified=True, burned_in_risk=row.burned_in_risk)
 
     def _refuse(self, consult: ConsultationRecord, reason: str) -> NoReturn:
-        self._event(
+        self._repo.record_event(
             EventType.CONSULTATION_ACCESS_DENIED,
             Entity(consult.patient_id, "Consultation", str(consult.id)),
             (reason,),

@@ -222,6 +222,22 @@ class RecordRepository:
             )
         )
 
+    def record_event(
+        self,
+        event_type: EventType,
+        entity: Entity,
+        reasons: Iterable[str] = (),
+        *,
+        outcome: Outcome = Outcome.SUCCESS,
+    ) -> None:
+        """Append an audit event as this repository's caller, in the request's transaction.
+
+        For services that reach PHI beside the FHIR store (sealed consultation content, DICOM
+        files, workflow steps): their events carry the same agent, purpose and time as the
+        repository's own.
+        """
+        self._record(event_type, outcome, entity, reasons)
+
     def _org_ids_by_code(self) -> dict[str, str]:
         if self._org_codes is None:
             self._org_codes = self._access.org_ids_by_code()

@@ -27,6 +27,7 @@ def install(app: FastAPI) -> None:
     # whole application first.
     from medcollab.web import errors  # noqa: PLC0415
     from medcollab.web.collab import router as collab_router  # noqa: PLC0415
+    from medcollab.web.imaging import router as imaging_router  # noqa: PLC0415
     from medcollab.web.routes import router  # noqa: PLC0415
 
     if getattr(app.state, "web_installed", False):
@@ -35,4 +36,5 @@ def install(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(router)
     app.include_router(collab_router)
+    app.include_router(imaging_router)
     errors.install(app)

@@ -63,6 +63,7 @@ from medcollab.web import patients
 from medcollab.web.deps import PageViewer, Viewer, WebFiles, WebForm
 from medcollab.web.errors import error_page
 from medcollab.web.i18n import N_
+from medcollab.web.imaging import shared_imaging
 from medcollab.web.render import page, redirect
 from medcollab.web.routes import COMMON
 
@@ -633,6 +634,7 @@ def _thread_page(
         thread=thread,
         messages=service.messages(key),
         attachments=service.attachments(key),
+        imaging_shares=shared_imaging(actor, db, runtime, key),
         my_org=mine.code if mine else "",
         org_names=_org_names(db),
         max_message=MAX_MESSAGE_LENGTH,

@@ -69,18 +69,22 @@ class FormFile:
 
 def _multipart(request: Request, header: str, body: bytes) -> dict[str, str]:
     """A file-upload form: text fields are returned, file fields kept in
-    ``request.state.web_files``."""
+    ``request.state.web_files`` (the last of each name) and ``request.state.web_file_lists``
+    (all of them, in order, for ``<input type="file" multiple>``)."""
     fields: dict[str, str] = {}
     files: dict[str, FormFile] = {}
+    lists: dict[str, list[FormFile]] = {}
     for part in form_parts(header, body, max_parts=_MAX_FIELDS):
         if part.filename is not None:
             files[part.name] = FormFile(part.filename, part.content)
+            lists.setdefault(part.name, []).append(files[part.name])
             continue
         try:
             fields[part.name] = part.content.decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidInput("the form could not be read") from None
     request.state.web_files = files
+    request.state.web_file_lists = lists
     return fields
 
 
@@ -125,6 +129,16 @@ async def form_files(request: Request, form: WebForm) -> dict[str, FormFile]:
 
 
 WebFiles = Annotated[dict[str, FormFile], Depends(form_files)]
+
+
+async def form_file_lists(request: Request, form: WebForm) -> dict[str, list[FormFile]]:
+    """Every file of a ``multipart/form-data`` form, by field name (none for any other form)."""
+    del form  # Parsed for its side effect, as in form_files.
+    lists: dict[str, list[FormFile]] = getattr(request.state, "web_file_lists", {})
+    return lists
+
+
+WebFileLists = Annotated[dict[str, list[FormFile]], Depends(form_file_lists)]
 
 
 def check_same_origin(request: Request) -> None:

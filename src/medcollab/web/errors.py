@@ -14,7 +14,8 @@ import inspect
 import logging
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Final
 
 from fastapi import FastAPI, Request, Response
@@ -101,6 +102,23 @@ def error_page(
     )
 
 
+@contextmanager
+def explained(request: Request, explanations: Mapping[type[Exception], str]) -> Iterator[None]:
+    """Give the error page of an error raised inside the block a more specific explanation.
+
+    ``explanations`` maps error types (the first that matches wins, so name subclasses first) to
+    untranslated messages. The error itself propagates unchanged, so its status is the API's and
+    the unit of work rolls back (or keeps a refusal's audit event) exactly as for any other error.
+    """
+    try:
+        yield
+    except tuple(explanations) as exc:
+        request.state.page_explanation = next(
+            text for kind, text in explanations.items() if isinstance(exc, kind)
+        )
+        raise
+
+
 async def web_error(request: Request, exc: Exception) -> Response:  # noqa: PLR0911 - one answer per kind of error.
     """The page for an error raised while serving a web page."""
     if isinstance(exc, e.AuthenticationFailed):
@@ -111,8 +129,11 @@ async def web_error(request: Request, exc: Exception) -> Response:  # noqa: PLR0
         status = status_for(exc)
         if status >= 500:
             log.error("page failed closed", extra={"error_code": exc.code, "status": status})
+        explanation = getattr(request.state, "page_explanation", None)
         response = error_page(
-            request, status, explanation=CSRF_EXPLANATION if isinstance(exc, CsrfRefused) else None
+            request,
+            status,
+            explanation=CSRF_EXPLANATION if isinstance(exc, CsrfRefused) else explanation,
         )
         if isinstance(exc, e.TooManyAttempts):
             response.headers["Retry-After"] = str(exc.retry_after)

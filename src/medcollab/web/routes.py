@@ -769,8 +769,17 @@ def chart(
             min_reason=MIN_BREAK_GLASS_REASON,
             max_reason=_MAX_REASON,
         )
-    record = summaries.record_view(patient_id, [r.body for r in resources if r.body is not None])
-    return _page(request, "clinic_chart.html", view, record=record, grant=grant)
+    bodies = [r.body for r in resources if r.body is not None]
+    return _page(
+        request,
+        "clinic_chart.html",
+        view,
+        record=summaries.record_view(patient_id, bodies),
+        grant=grant,
+        # The imaging section (its upload form posts to web.imaging).
+        studies=summaries.imaging_rows(bodies),
+        max_upload_megabytes=max(1, runtime.settings.max_upload_bytes // (1024 * 1024)),
+    )
 
 
 def _break_glass_form(

@@ -484,3 +484,41 @@ def record_view(patient_id: str, resources: Iterable[Mapping[str, Any]]) -> Reco
         charts=vital_charts(by_type.get("Observation", [])),
         others={t: len(rs) for t, rs in sorted(by_type.items()) if t not in shown and t},
     )
+
+
+# Imaging -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StudyRow:
+    """One line of the chart's imaging list, from a FHIR ImagingStudy."""
+
+    id: str
+    started: datetime | None
+    modalities: tuple[str, ...]
+    description: str
+    series: int
+    instances: int
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def study_row(resource: Mapping[str, Any]) -> StudyRow:
+    modalities = (_str(_dict(m).get("code")) for m in _list(resource.get("modality")))
+    return StudyRow(
+        id=_str(resource.get("id")),
+        started=parse_time(resource.get("started")),
+        modalities=tuple(m for m in modalities if m),
+        description=_str(resource.get("description")),
+        series=_count(resource.get("numberOfSeries")),
+        instances=_count(resource.get("numberOfInstances")),
+    )
+
+
+def imaging_rows(resources: Iterable[Mapping[str, Any]]) -> list[StudyRow]:
+    """The ImagingStudy resources among a patient's visible resources, newest study first."""
+    rows = [study_row(r) for r in resources if r.get("resourceType") == "ImagingStudy"]
+    epoch = datetime.min.replace(tzinfo=UTC)
+    return sorted(rows, key=lambda row: (row.started or epoch, row.id), reverse=True)[:_MAX_ROWS]

@@ -4,31 +4,21 @@ server on a committed database (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
-import secrets
-import socket
 import threading
-import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
-from medcollab import migrate
 from medcollab.audit.models import AuditEventRecord
 from medcollab.collaboration.models import AppointmentRecord, SlotRecord, SlotStatus
-from medcollab.config import Settings
-from medcollab.crypto.keys import KeyRing
 from medcollab.crypto.passwords import PasswordHasher
-from medcollab.db.session import Database, make_engine
 from medcollab.kernel.clock import FrozenClock
 from medcollab.kernel.permissions import Role
 from medcollab.runtime import Runtime
@@ -48,6 +38,7 @@ from tests.support.factories import (
     patient_resource,
     sign_in,
 )
+from tests.support.live import Live, live_server
 
 PARALLEL_BOOKINGS = 8
 
@@ -220,82 +211,20 @@ def test_bad_schedule_slot_and_booking_requests(w: CollabWorld) -> None:
 # Parallel bookings over real HTTP ---------------------------------------------------------------
 
 
-@dataclass
-class Live:
-    base: str
-    runtime: Runtime
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def live(
     db_kind: str, tmp_path: Path, hasher: PasswordHasher, request: pytest.FixtureRequest
 ) -> Iterator[Live]:
     """A real uvicorn server in this process over a committed (not rolled-back) database."""
-    admin_url = None
-    name = f"collab_race_{uuid.uuid4().hex[:12]}"
-    if db_kind == "sqlite":
-        url = f"sqlite:///{tmp_path / 'race.db'}"
-    else:
-        server = request.getfixturevalue("postgres_server")
-        admin_url = server.url()
-        admin = make_engine(admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        admin.dispose()
-        url = server.url(name)
-    engine = make_engine(url)
-    with engine.begin() as conn:
-        migrate.upgrade(connection=conn)
-    settings = Settings(
-        mode="dev",
-        secret_key=secrets.token_urlsafe(32),
-        data_dir=tmp_path / "data",
-        audit_integrate_seconds=0,
-    )
-    runtime = Runtime(
-        settings=settings,
-        database=Database(engine),
-        keyring=KeyRing(settings.app_secret()),
-        clock=FrozenClock(),
+    with live_server(
+        collab_app,
+        db_kind=db_kind,
+        tmp_path=tmp_path,
         hasher=hasher,
-    )
-    port = _free_port()
-    # log_config=None: the test process keeps its own logging configuration.
-    server_ = uvicorn.Server(
-        uvicorn.Config(
-            collab_app(runtime),
-            host="127.0.0.1",
-            port=port,
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-        )
-    )
-    thread = threading.Thread(target=server_.run, name="collab-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server_.started:
-        assert thread.is_alive(), "the server stopped during start-up"
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield Live(f"http://127.0.0.1:{port}", runtime)
-    finally:
-        server_.should_exit = True
-        thread.join(timeout=30)
-        runtime.close()
-        if admin_url is not None:
-            admin = make_engine(admin_url, isolation_level="AUTOCOMMIT")
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            admin.dispose()
+        request=request,
+        name="collab_race",
+    ) as server:
+        yield server
 
 
 def test_parallel_bookings_of_one_slot_never_both_succeed(live: Live) -> None:

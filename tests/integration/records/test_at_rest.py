@@ -69,7 +69,11 @@ def committed(
     engine = make_engine(url)
     with engine.begin() as connection:
         migrate.upgrade(connection=connection)
-    settings = Settings(mode="dev", secret_key="s" * 48, data_dir=tmp_path / "data")
+    # No background integrator: these tests read the raw database, and a worker thread holding a
+    # connection past the client's shutdown would outlive the engine's disposal.
+    settings = Settings(
+        mode="dev", secret_key="s" * 48, data_dir=tmp_path / "data", audit_integrate_seconds=0
+    )
     clock = FrozenClock()
     runtime = Runtime(
         settings=settings,
@@ -84,6 +88,11 @@ def committed(
         token = sign_in(client, doctor, clock)
         yield Committed(kind, engine, runtime, client, token, url, tmp_path)
     runtime.close()
+    if kind == "postgresql":
+        admin = make_engine(server.url(), isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 def _seed(world: Committed) -> list[str]:

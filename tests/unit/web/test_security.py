@@ -20,6 +20,7 @@ from medcollab.records.models import FhirResource
 from medcollab.runtime import Runtime
 from medcollab.web import STATIC_DIR, install
 from medcollab.web.collab import router as collab_router
+from medcollab.web.imaging import router as imaging_router
 from medcollab.web.paths import WEB_PREFIXES, is_web_path
 from medcollab.web.render import safe_next
 from medcollab.web.routes import router
@@ -39,7 +40,7 @@ def _concrete(path: str) -> str:
 
 def _page_routes() -> list[tuple[str, str]]:
     routes = []
-    for route in (*router.routes, *collab_router.routes):
+    for route in (*router.routes, *collab_router.routes, *imaging_router.routes):
         assert isinstance(route, APIRoute)
         for method in sorted(route.methods):
             routes.append((method, route.path))
