@@ -2,7 +2,7 @@
 
 Options: ``--quick`` (3 s per load line, a few bundles: a smoke run, not a measurement; passed on to
 the other benchmarks whose ``main()`` takes it), ``--only NAME`` (``fhir_read``, ``import``,
-``audit``, ``fhir_validation``; repeatable). The results are also written as JSON to
+``audit``, ``fhir_validation``, ``imaging``; repeatable). The results are also written as JSON to
 ``$MEDCOLLAB_BENCH_RESULTS`` (default ``<tmp>/medcollab-bench/latest.json``).
 """
 
@@ -29,6 +29,7 @@ from bench import fhir_read_bench, import_bench
 EXTERNAL: Final = {
     "audit": "bench.audit_bench",
     "fhir_validation": "bench.fhir_validation_bench",
+    "imaging": "bench.imaging_bench",
 }
 NAMES: Final = ("fhir_read", "import", *EXTERNAL)
 

@@ -48,11 +48,12 @@ from medcollab.web.deps import PageViewer, Viewer, WebFileLists, WebForm
 from medcollab.web.errors import error_page, explained
 from medcollab.web.i18n import N_
 from medcollab.web.render import page, redirect
-from medcollab.web.routes import COMMON
+from medcollab.web.routes import COMMON, chart_purpose
 
 router = APIRouter(include_in_schema=False)
 
 _PATIENT_ID: Final = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_PATIENT: Final = _PATIENT_ID.pattern
 
 NOT_DICOM: Final = N_(
     "A file is not DICOM. Imaging takes DICOM files (.dcm) only, judged by their content; PDFs "
@@ -93,10 +94,18 @@ def _clinician(view: Viewer) -> Actor:
     return view.actor
 
 
-def imaging_service(actor: Actor, db: DbSession, runtime: Runtime) -> ImagingService:
-    """The imaging service of a page request, built like ``imaging.api`` builds it."""
+def imaging_service(
+    actor: Actor, db: DbSession, runtime: Runtime, *, patient_id: str | None = None
+) -> ImagingService:
+    """The imaging service of a page request, built like ``imaging.api`` builds it.
+
+    With ``patient_id`` (the chart's links carry it), the purpose is the chart's: emergency
+    treatment while the clinician holds a live break-glass grant for that patient. A wrong
+    ``patient_id`` gains nothing: the grant must cover the patient the study belongs to.
+    """
+    purpose = chart_purpose(actor, db, runtime, patient_id)[0] if patient_id else None
     return ImagingService(
-        repo=record_repository(access_context(actor), db, runtime),
+        repo=record_repository(access_context(actor, purpose_header=purpose), db, runtime),
         runtime=runtime,
         max_instance_bytes=runtime.settings.max_upload_bytes,
     )
@@ -187,9 +196,12 @@ def _study_page(
     upload: dict[str, Any] | None = None,
     status: int = 200,
     error: str | None = None,
+    patient: str | None = None,
 ) -> HTMLResponse:
     actor = _clinician(view)
-    study = imaging_service(actor, db, runtime).study(_uuid(study_id, "imaging study"))
+    study = imaging_service(actor, db, runtime, patient_id=patient).study(
+        _uuid(study_id, "imaging study")
+    )
     consultations = [
         c
         for c in ConsultationService(
@@ -231,19 +243,28 @@ def study_page(
     unchanged: Annotated[int, Query(ge=0, le=100_000)] = 0,
     match: Annotated[str, Query(pattern="^(matched|mismatch|unknown)$")] = "unknown",
     flagged: Annotated[int, Query(ge=0, le=100_000)] = 0,
+    patient: Annotated[str | None, Query(pattern=_PATIENT)] = None,
 ) -> HTMLResponse:
     upload = None
     if stored is not None:
         upload = {"stored": stored, "unchanged": unchanged, "match": match, "flagged": flagged}
-    return _study_page(request, view, study_id, db=db, runtime=runtime, upload=upload)
+    return _study_page(
+        request, view, study_id, db=db, runtime=runtime, upload=upload, patient=patient
+    )
 
 
 @router.get("/clinic/imaging/{study_id}/instances/{instance_id}")
 def download(
-    *, study_id: str, instance_id: str, view: PageViewer, db: DbSession, runtime: RuntimeDep
+    *,
+    study_id: str,
+    instance_id: str,
+    view: PageViewer,
+    db: DbSession,
+    runtime: RuntimeDep,
+    patient: Annotated[str | None, Query(pattern=_PATIENT)] = None,
 ) -> Response:
     actor = _clinician(view)
-    file = imaging_service(actor, db, runtime).download(
+    file = imaging_service(actor, db, runtime, patient_id=patient).download(
         _uuid(study_id, "imaging study"), _uuid(instance_id, "instance")
     )
     return _dicom_response(file)

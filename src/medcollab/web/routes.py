@@ -725,7 +725,7 @@ def open_chart(*, view: PageViewer, id: Annotated[str, Query(max_length=64)] = "
     return redirect(f"/clinic/patients/{_check_id(id.strip())}")
 
 
-def _chart_purpose(
+def chart_purpose(
     actor: Actor, db: DbSession, runtime: Runtime, patient_id: str
 ) -> tuple[str | None, BreakGlassGrant | None]:
     """ETREAT while the clinician holds a live break-glass grant for the patient (even with a
@@ -750,7 +750,7 @@ def chart(
 ) -> HTMLResponse:
     actor = _clinician(view)
     _check_id(patient_id)
-    purpose, grant = _chart_purpose(actor, db, runtime, patient_id)
+    purpose, grant = chart_purpose(actor, db, runtime, patient_id)
     repo = record_repository(access_context(actor, purpose_header=purpose), db, runtime)
     try:
         resources = repo.everything(patient_id)

@@ -132,7 +132,7 @@ def test_upload_from_the_chart_shows_the_study_and_downloads_the_exact_files(
     # The chart now lists the study with a link to its page.
     listed = doctor.get(chart).text
     row = listed.split('id="imaging-studies"', 1)[1].split("</table>", 1)[0]
-    assert f'href="/clinic/imaging/{study_id.group(1)}"' in row
+    assert f'href="/clinic/imaging/{study_id.group(1)}?patient={web_world.patient_id}"' in row
     assert "<td>MR</td>" in row
 
     # Every download is one of the uploaded files, byte for byte, under a neutral name.
@@ -144,7 +144,7 @@ def test_upload_from_the_chart_shows_the_study_and_downloads_the_exact_files(
         got = doctor.get(link)
         assert got.status_code == 200, got.text
         assert got.headers["content-type"] == "application/dicom"
-        instance_id = link.rsplit("/", 1)[1]
+        instance_id = link.rsplit("/", 1)[1].split("?", 1)[0]
         assert got.headers["content-disposition"] == (
             f'attachment; filename="instance-{instance_id}.dcm"'
         )
@@ -436,3 +436,36 @@ def test_shared_imaging_is_deidentified_and_withheld_outside_the_care_team(
     copy = outsider.get(link)
     assert copy.status_code == 200, copy.text
     assert _read(copy.content).PatientIdentityRemoved == "YES"
+
+
+def test_break_glass_opens_the_imaging_of_the_chart_read_only(web_world: WebWorld) -> None:
+    doctor, token = _signed_in(web_world, web_world.doctor)
+    study_id = _uploaded_study(doctor, token, web_world.patient_id, MR_SERIES[:2])
+    stranger, stranger_token = _signed_in(web_world, web_world.outsider)
+    study_page = f"/clinic/imaging/{study_id}?patient={web_world.patient_id}"
+    assert stranger.get(study_page).status_code == 404
+    chart = f"/clinic/patients/{web_world.patient_id}"
+    opened = stranger.post(
+        chart + "/break-glass",
+        data={
+            "reason": "Unconscious in the emergency department, need the MR",
+            "csrf_token": stranger_token,
+        },
+    )
+    assert opened.status_code == 200
+    # The chart links the study with the patient, so the emergency grant applies to it.
+    assert study_page in opened.text.replace("&amp;", "&")
+    page = stranger.get(study_page)
+    assert page.status_code == 200
+    [link, *_rest] = _links(page.text, f"/clinic/imaging/{study_id}/instances/")
+    download = stranger.get(link.replace("&amp;", "&"))
+    assert download.status_code == 200
+    assert download.content in {p.read_bytes() for p in MR_SERIES[:2]}
+    # Without the patient (no grant applies) the study stays invisible, and break-glass never
+    # writes.
+    assert stranger.get(f"/clinic/imaging/{study_id}").status_code == 404
+    assert (
+        _upload(stranger, stranger_token, web_world.patient_id, _files([ULTRASOUND])).status_code
+        == 404
+    )
+    assert _stored(web_world.runtime) == (1, 2)

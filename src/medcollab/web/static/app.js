@@ -298,7 +298,36 @@
     });
   }
 
+  // Upload forms: refuse files over the server's limit before sending them, with the page's own
+  // (translated) message. The server enforces the limit anyway; this saves a long upload.
+  function setUpFileLimits() {
+    document.querySelectorAll("input[type=file][data-max-bytes]").forEach(function (input) {
+      var form = input.form;
+      var error = document.getElementById(input.id + "-error");
+      if (!form || !error) {
+        return;
+      }
+      form.addEventListener("submit", function (event) {
+        var total = 0;
+        Array.prototype.forEach.call(input.files || [], function (file) {
+          total += file.size;
+        });
+        if (total > Number(input.getAttribute("data-max-bytes"))) {
+          event.preventDefault();
+          error.textContent = input.getAttribute("data-too-large");
+          error.hidden = false;
+          input.setAttribute("aria-invalid", "true");
+          input.focus();
+        } else {
+          error.hidden = true;
+          input.removeAttribute("aria-invalid");
+        }
+      });
+    });
+  }
+
   function start() {
+    setUpFileLimits();
     setUpIdleWarning();
     setUpDialogs();
     localiseTimes();
