@@ -270,15 +270,26 @@ class BodyLimitMiddleware:
             if upload
             else self.default_max_body_bytes
         )
+        # A browser's form post to a web page gets a page, not JSON, when refused.
+        page = path.startswith(_PAGE_PREFIXES) and b"text/html" in _header(scope, b"accept")
         # Per request, without mutating shared state: the limit travels in a local copy.
-        await _Limited(self.app, limit, fhir)(scope, receive, send)
+        await _Limited(self.app, limit, fhir, page)(scope, receive, send)
+
+
+#: Paths of the web pages (``medcollab.web``), whose refusals a browser shows to a person.
+_PAGE_PREFIXES: Final = ("/clinic/", "/my/", "/org/", "/account", "/login", "/logout", "/lang")
+
+
+def _header(scope: Scope, name: bytes) -> bytes:
+    return b",".join(value for key, value in scope.get("headers", ()) if key.lower() == name)
 
 
 class _Limited(BodyLimitMiddleware):
-    def __init__(self, app: ASGIApp, limit: int, fhir: bool) -> None:
+    def __init__(self, app: ASGIApp, limit: int, fhir: bool, page: bool = False) -> None:
         self.app = app
         self.max_body_bytes = limit
         self.fhir = fhir
+        self.page = page
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -323,6 +334,9 @@ class _Limited(BodyLimitMiddleware):
         await self.app(scope, replay, send)
 
     async def _too_large(self, send: Send) -> None:
+        if getattr(self, "page", False):
+            await _send_too_large_page(send, self.max_body_bytes)
+            return
         message = f"request body exceeds {self.max_body_bytes} bytes"
         body: dict[str, object] = {"error": "payload_too_large", "message": message}
         if getattr(self, "fhir", False):
@@ -337,6 +351,33 @@ class _Limited(BodyLimitMiddleware):
             # The rest of the body is never read, so the connection cannot carry another request.
             [(b"connection", b"close")],
         )
+
+
+async def _send_too_large_page(send: Send, limit: int) -> None:
+    """A plain page in both languages: this layer runs before sessions and translations."""
+    megabytes = max(1, limit // (1024 * 1024))
+    page = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        "<title>Upload too large</title></head><body><main>"
+        "<h1>The upload is too large</h1>"
+        f"<p>Nothing was stored. The limit is {megabytes} MB per upload; go back and "
+        "send less, or split it into several uploads.</p>"
+        '<p lang="zh-CN">上传内容过大，未保存任何内容。每次上传上限为 '
+        f"{megabytes} MB，请返回后减少或分批上传。</p>"
+        "</main></body></html>"
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"text/html; charset=utf-8"),
+                (b"content-length", str(len(page)).encode("latin-1")),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": page, "more_body": False})
 
 
 def _declared_length(scope: Scope) -> int | None:

@@ -467,16 +467,23 @@ def clinic_referral(
     )
 
 
-def _referral_step(
+_REFERRAL_STEPS: Final = frozenset({"accept", "decline", "revoke"})
+
+
+@router.post("/clinic/referrals/{referral_id}/{step}")
+def clinic_referral_step(
+    *,
     request: Request,
     referral_id: str,
-    view: Viewer,
-    *,
-    form: dict[str, str],
-    db: DbSession,
-    runtime: Runtime,
     step: str,
+    view: PageViewer,
+    form: WebForm,
+    db: DbSession,
+    runtime: RuntimeDep,
 ) -> Response:
+    """Accept, decline or revoke a referral; the service checks the caller's side and the state."""
+    if step not in _REFERRAL_STEPS:
+        raise NotFound("no such action")
     actor = _clinician(view)
     service = _referrals(actor, db, runtime)
     key = _path_id(referral_id, "no such referral")
@@ -491,51 +498,6 @@ def _referral_step(
     else:
         done = service.revoke(key, note)
     return redirect(f"/clinic/referrals/{done.id}", request)
-
-
-@router.post("/clinic/referrals/{referral_id}/accept")
-def clinic_referral_accept(
-    *,
-    request: Request,
-    referral_id: str,
-    view: PageViewer,
-    form: WebForm,
-    db: DbSession,
-    runtime: RuntimeDep,
-) -> Response:
-    return _referral_step(
-        request, referral_id, view, form=form, db=db, runtime=runtime, step="accept"
-    )
-
-
-@router.post("/clinic/referrals/{referral_id}/decline")
-def clinic_referral_decline(
-    *,
-    request: Request,
-    referral_id: str,
-    view: PageViewer,
-    form: WebForm,
-    db: DbSession,
-    runtime: RuntimeDep,
-) -> Response:
-    return _referral_step(
-        request, referral_id, view, form=form, db=db, runtime=runtime, step="decline"
-    )
-
-
-@router.post("/clinic/referrals/{referral_id}/revoke")
-def clinic_referral_revoke(
-    *,
-    request: Request,
-    referral_id: str,
-    view: PageViewer,
-    form: WebForm,
-    db: DbSession,
-    runtime: RuntimeDep,
-) -> Response:
-    return _referral_step(
-        request, referral_id, view, form=form, db=db, runtime=runtime, step="revoke"
-    )
 
 
 # Clinicians: consultations -----------------------------------------------------------------------

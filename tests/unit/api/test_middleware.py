@@ -238,6 +238,31 @@ def test_declared_oversized_body_is_refused_with_413(client: TestClient, calls: 
     assert calls.bodies == []
 
 
+def test_an_oversized_form_post_from_a_browser_gets_a_page(
+    client: TestClient, calls: Calls
+) -> None:
+    page = client.post(
+        "/clinic/referrals",
+        content=b"a" * (LIMIT + 1),
+        headers={"Accept": "text/html,application/xhtml+xml;q=0.9,*/*;q=0.8"},
+    )
+    assert page.status_code == 413
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    assert "The upload is too large" in page.text
+    assert "上传内容过大" in page.text
+    assert "<script" not in page.text
+    # The pages' own policy applies: scripts and styles from the site only, nothing inline.
+    assert "unsafe-inline" not in page.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert page.headers["strict-transport-security"]
+    # The same post from an API client, or to an API path, stays JSON.
+    api = client.post("/clinic/referrals", content=b"a" * (LIMIT + 1))
+    assert api.json()["error"] == "payload_too_large"
+    echo = client.post("/echo", content=b"a" * (LIMIT + 1), headers={"Accept": "text/html"})
+    assert echo.json()["error"] == "payload_too_large"
+    assert calls.bodies == []
+
+
 def test_chunked_oversized_body_is_refused_before_the_endpoint_runs(
     client: TestClient, calls: Calls
 ) -> None:
