@@ -690,33 +690,19 @@ class ReferralService(_Service):
         if note is not None:
             note = _text(note, "the note", maximum=MAX_NOTE_LENGTH)
         now = self._now()
-        won = self._transition(
+        return self._end(
+            record,
             update(ReferralRecord)
             .where(
                 ReferralRecord.id == record.id, ReferralRecord.status == ReferralStatus.REQUESTED
             )
-            .values(status=ReferralStatus.DECLINED, decided_at=now, decided_by=self._user_id())
-        )
-        if not won:
-            self._db.refresh(record)
-            raise Conflict(f"the referral is already {referral_status(record, now)}")
-        self._db.refresh(record)
-        self._access.replace_relationships(
-            f"referral:{record.id}", record.patient_id, RelationshipKind.REFERRAL, []
-        )
-        self._update_resources(
-            record,
+            .values(status=ReferralStatus.DECLINED, decided_at=now, decided_by=self._user_id()),
+            now=now,
             task_status="rejected",
-            request_status="revoked",
-            note=note,
             status_reason="declined",
+            note=note,
+            event=EventType.REFERRAL_DECLINED,
         )
-        self._repo.record_event(
-            EventType.REFERRAL_DECLINED,
-            Entity(record.patient_id, "ServiceRequest", record.service_request_id),
-            self._step_reasons(record),
-        )
-        return self._view(record)
 
     def revoke(self, referral_id: str, note: str | None = None) -> ReferralView:
         """The referring side, the receiving side or the patient (or guardian) ends the referral."""
@@ -728,7 +714,8 @@ class ReferralService(_Service):
         if note is not None:
             note = _text(note, "the note", maximum=MAX_NOTE_LENGTH)
         now = self._now()
-        won = self._transition(
+        return self._end(
+            record,
             update(ReferralRecord)
             .where(
                 ReferralRecord.id == record.id,
@@ -739,9 +726,30 @@ class ReferralService(_Service):
                 revoked_at=now,
                 revoked_by=self._user_id(),
                 revoked_side=side.value,
-            )
+            ),
+            now=now,
+            task_status="cancelled",
+            status_reason=f"revoked-by-{side.value}",
+            note=note,
+            event=EventType.REFERRAL_REVOKED,
+            reasons=(f"side={side.value}",),
         )
-        if not won:
+
+    def _end(
+        self,
+        record: ReferralRecord,
+        transition: Update,
+        *,
+        now: datetime,
+        task_status: str,
+        status_reason: str,
+        note: str | None,
+        event: EventType,
+        reasons: tuple[str, ...] = (),
+    ) -> ReferralView:
+        """Decline or revoke: win the conditional transition, remove the referral's care
+        relationship, mark the Task and the ServiceRequest, audit the step."""
+        if not self._transition(transition):
             self._db.refresh(record)
             raise Conflict(f"the referral is already {referral_status(record, now)}")
         self._db.refresh(record)
@@ -750,15 +758,15 @@ class ReferralService(_Service):
         )
         self._update_resources(
             record,
-            task_status="cancelled",
+            task_status=task_status,
             request_status="revoked",
             note=note,
-            status_reason=f"revoked-by-{side.value}",
+            status_reason=status_reason,
         )
         self._repo.record_event(
-            EventType.REFERRAL_REVOKED,
+            event,
             Entity(record.patient_id, "ServiceRequest", record.service_request_id),
-            (*self._step_reasons(record), f"side={side.value}"),
+            (*self._step_reasons(record), *reasons),
         )
         return self._view(record)
 

@@ -69,7 +69,12 @@ from medcollab.errors import (
     UnsupportedMediaType,
 )
 from medcollab.imaging.models import ImagingInstanceRecord, ImagingShareRecord, ImagingStudyRecord
-from medcollab.records.repository import RecordIntegrityFailure, RecordRepository, StoredResource
+from medcollab.records.repository import (
+    RecordIntegrityFailure,
+    RecordNotFound,
+    RecordRepository,
+    StoredResource,
+)
 from medcollab.runtime import Runtime
 
 #: Files in one upload request.
@@ -390,6 +395,17 @@ class ImagingService:
             )
             return new, None
         if study.patient_id != patient_id:
+            decision = self._repo.explain(Action.CREATE, "ImagingStudy", patient_id)
+            if not decision.permitted:
+                # Someone who may not file images for this patient learns nothing, not even that
+                # the study is stored for somebody else: the repository's own answer.
+                self._repo.record_event(
+                    EventType.FHIR_CREATE,
+                    Entity(patient_id, "ImagingStudy"),
+                    decision.reasons,
+                    outcome=Outcome.MINOR_FAILURE,
+                )
+                raise RecordNotFound(f"Patient/{patient_id} not found")
             self._repo.record_event(
                 EventType.IMAGING_UPLOADED,
                 Entity(patient_id, "ImagingStudy"),

@@ -211,7 +211,13 @@ def test_outside_the_care_relationship_nothing_is_visible(w: CollabWorld) -> Non
     assert refused.status_code == 404
     assert _counts(w.runtime) == (1, 2, 1)
     # Adding to someone else's stored study is refused the same way.
-    assert _upload(w, w.receiver, MR_SERIES[2:4]).status_code in (404, 409)
+    assert _upload(w, w.receiver, MR_SERIES[2:4]).status_code == 404
+    # So is filing that study under a patient the outsider may not write for: no hint that
+    # the study exists for somebody else.
+    other = w.create(w.doctor, {"resourceType": "Patient", "name": [{"family": "Other"}]})
+    hidden = _upload(w, w.receiver, MR_SERIES[2:3], patient=other)
+    assert hidden.status_code == 404
+    assert "another patient" not in hidden.text
     assert _counts(w.runtime) == (1, 2, 1)
     # Every refusal is in the log, naming the outsider's attempt.
     denied = [
